@@ -1,0 +1,128 @@
+"""KernelTables: the block tables a layer's plan hands to the attention kernels (DESIGN.md 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .rule import ORDER, ROW_BASE, RULE_INTS, SKIP_HEAD
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class KernelTables:
+    """One layer's head rules and range-encoded k-tile runs per (head, q-tile).
+
+    Head h's q-tile t (tiles of BLOCK_M positions in the head's physical order) visits the runs
+    `runs[row_ptr[base + t] : row_ptr[base + t + 1]]` with `base = head_rules[h, ROW_BASE]`; each run
+    is (k_tile_start, k_tile_end_exclusive, full_flag) over BLOCK_N-wide k-tiles. A full tile has
+    every (q, k) pair attended, so no mask is computed there.
+    """
+
+    head_rules: torch.Tensor
+    row_ptr: torch.Tensor
+    runs: torch.Tensor
+    prefix: int
+    frames: int
+    height: int
+    width: int
+    seq_len: int
+    block_m: int
+    block_n: int
+
+    @property
+    def heads(self) -> int:
+        return int(self.head_rules.shape[0])
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.height * self.width
+
+    @property
+    def grid_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def suffix(self) -> int:
+        return self.seq_len - self.prefix - self.grid_tokens
+
+    @property
+    def num_q_tiles(self) -> int:
+        return _cdiv(self.seq_len, self.block_m)
+
+    @property
+    def num_k_tiles(self) -> int:
+        return _cdiv(self.seq_len, self.block_n)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head_rules.device
+
+    def to(self, device) -> "KernelTables":
+        """Copy of these tables with every tensor on `device`."""
+        return KernelTables(self.head_rules.to(device), self.row_ptr.to(device), self.runs.to(device),
+                            self.prefix, self.frames, self.height, self.width, self.seq_len,
+                            self.block_m, self.block_n)
+
+    def validate(self, check_contents: bool = False) -> None:
+        """Raise ValueError on bad shapes, dtypes, devices or geometry.
+
+        With check_contents=True also check (on the CPU, a device sync) that every active head's
+        row pointers and runs are in range and well ordered.
+        """
+        for name in ("head_rules", "row_ptr", "runs"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"KernelTables.{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != torch.int32:
+                raise ValueError(f"KernelTables.{name} must be int32, got {t.dtype}")
+            if t.device != self.head_rules.device:
+                raise ValueError(f"KernelTables.{name} is on {t.device}, head_rules on {self.head_rules.device}")
+        if self.head_rules.dim() != 2 or self.head_rules.shape[1] != RULE_INTS or self.head_rules.shape[0] == 0:
+            raise ValueError(f"head_rules must be [H>0, {RULE_INTS}], got {tuple(self.head_rules.shape)}")
+        if self.row_ptr.dim() != 1 or self.row_ptr.numel() == 0:
+            raise ValueError(f"row_ptr must be 1-D and non-empty, got {tuple(self.row_ptr.shape)}")
+        if self.runs.dim() != 2 or self.runs.shape[1] != 3:
+            raise ValueError(f"runs must be [R, 3], got {tuple(self.runs.shape)}")
+        for name in ("prefix", "frames", "height", "width", "seq_len", "block_m", "block_n"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"KernelTables.{name} must be an int, got {getattr(self, name)!r}")
+        if self.prefix < 0 or min(self.frames, self.height, self.width) <= 0:
+            raise ValueError(f"bad geometry prefix={self.prefix} frames={self.frames} "
+                             f"height={self.height} width={self.width}")
+        if self.suffix < 0:
+            raise ValueError(f"seq_len {self.seq_len} < prefix {self.prefix} + grid {self.grid_tokens}")
+        for name in ("block_m", "block_n"):
+            b = getattr(self, name)
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {b}")
+        if check_contents:
+            self._check_contents()
+
+    def _check_contents(self) -> None:
+        rules = self.head_rules.cpu()
+        row_ptr = self.row_ptr.cpu().to(torch.int64)
+        runs = self.runs.cpu()
+        nq, nk = self.num_q_tiles, self.num_k_tiles
+        if row_ptr.numel() > 1 and bool((row_ptr[1:] < row_ptr[:-1]).any()):
+            raise ValueError("row_ptr must be non-decreasing")
+        if int(row_ptr.min()) < 0 or int(row_ptr.max()) > runs.shape[0]:
+            raise ValueError(f"row_ptr values must lie in [0, {runs.shape[0]}]")
+        if runs.numel():
+            start, end, full = runs[:, 0], runs[:, 1], runs[:, 2]
+            if bool((start < 0).any() or (end > nk).any() or (start >= end).any()):
+                raise ValueError(f"runs must satisfy 0 <= k_tile_start < k_tile_end <= {nk}")
+            if bool(((full != 0) & (full != 1)).any()):
+                raise ValueError("runs full_flag must be 0 or 1")
+        for h, r in enumerate(rules.tolist()):
+            if r[ORDER] == SKIP_HEAD:
+                continue
+            if r[ORDER] not in (0, 1):
+                raise ValueError(f"head {h}: ORDER must be -1, 0 or 1, got {r[ORDER]}")
+            if r[ROW_BASE] < 0 or r[ROW_BASE] + nq >= row_ptr.numel():
+                raise ValueError(f"head {h}: ROW_BASE {r[ROW_BASE]} + {nq} q-tiles exceeds row_ptr "
+                                 f"of length {row_ptr.numel()}")
