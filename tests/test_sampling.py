@@ -2,11 +2,26 @@
 
 import pytest
 import torch
-from diffusers import WanPipeline, WanTransformer3DModel
+from diffusers import (
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 
 from sparse_vdit.adapters.common import DenseController
 from sparse_vdit.adapters.loading import shipped_config
-from sparse_vdit.adapters.sampling import initial_noise, sample_wan, wan_scheduler
+from sparse_vdit.adapters.sampling import (
+    cogvideox_scheduler,
+    hunyuan_scheduler,
+    initial_noise,
+    sample_cogvideox,
+    sample_hunyuan,
+    sample_wan,
+    wan_scheduler,
+)
 
 
 def tiny(cls, variant, seed):
@@ -80,3 +95,59 @@ def test_wan_bad_inputs_raise():
         sample_wan(model, torch.zeros(4, 3, 6, 10), prompt, steps=2, guidance=1.0)
     with pytest.raises(ValueError, match="steps"):
         sample_wan(model, initial_noise((1, 4, 3, 6, 10), 0), prompt, steps=0, guidance=1.0)
+
+
+def test_hunyuan_matches_pipeline_and_tells_the_controller_each_step():
+    model = tiny(HunyuanVideoTransformer3DModel, "hunyuanvideo-tiny", 0)
+    g = torch.Generator().manual_seed(4)
+    noise = initial_noise((1, 4, 3, 6, 10), 0)
+    prompt, pooled = torch.randn(1, 6, 32, generator=g), torch.randn(1, 16, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=model, vae=None,
+                                scheduler=hunyuan_scheduler(7.0), text_encoder_2=None, tokenizer_2=None)
+    with torch.no_grad():
+        expected = pipe(prompt_embeds=prompt, pooled_prompt_embeds=pooled, prompt_attention_mask=mask,
+                        latents=noise.clone(), height=48, width=80, num_frames=9, num_inference_steps=3,
+                        guidance_scale=6.0, output_type="latent").frames
+        recorder, seen = StepRecorder(), []
+        got = sample_hunyuan(model, noise, prompt, pooled, prompt_mask=mask, steps=3, embedded_guidance=6.0,
+                             callback=lambda *a: seen.append(a))
+        patched = sample_hunyuan(model, noise, prompt, pooled, prompt_mask=mask, steps=3, controller=recorder)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(patched, expected, rtol=0, atol=1e-5)  # batch 1: padded text trimmed
+    assert [i for i, _ in recorder.steps] == [0, 1, 2] and [s for _, s in recorder.steps] == [x[2] for x in seen]
+    assert recorder.steps[0][1] == 1.0
+
+
+@pytest.mark.parametrize("kind", ["ddim", "dpm"])
+def test_cogvideox_matches_pipeline_with_cfg_batch_of_two(kind):
+    model = tiny(CogVideoXTransformer3DModel, "cogvideox1.5-tiny", 0)
+    g = torch.Generator().manual_seed(5)
+    noise = initial_noise((1, 4, 4, 6, 10), 0)
+    prompt, negative = torch.randn(1, 5, 32, generator=g), torch.randn(1, 5, 32, generator=g)
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                             scheduler=cogvideox_scheduler(kind))
+    with torch.no_grad():
+        expected = pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, latents=noise.clone(), height=48,
+                        width=80, num_frames=13, num_inference_steps=3, guidance_scale=6.0,
+                        generator=torch.Generator().manual_seed(7), output_type="latent").frames
+        recorder = StepRecorder()
+        got = sample_cogvideox(model, noise, prompt, negative_embeds=negative, steps=3, guidance=6.0,
+                               scheduler=kind, seed=7, controller=recorder)
+    assert torch.equal(got, expected)
+    sigmas = [s for _, s in recorder.steps]
+    assert len(sigmas) == 3 and sigmas == sorted(sigmas, reverse=True) and 0 < sigmas[-1] < sigmas[0] <= 1
+
+
+def test_hunyuan_and_cogvideox_bad_inputs_raise():
+    hy = tiny(HunyuanVideoTransformer3DModel, "hunyuanvideo-tiny", 0)
+    cog = tiny(CogVideoXTransformer3DModel, "cogvideox1.5-tiny", 0)
+    with pytest.raises(ValueError, match="prompt_mask"):
+        sample_hunyuan(hy, initial_noise((1, 4, 3, 6, 10), 0), torch.zeros(1, 6, 32), torch.zeros(1, 16),
+                       prompt_mask=torch.ones(1, 5), steps=1)
+    with pytest.raises(ValueError, match="multiple of patch_size_t"):
+        sample_cogvideox(cog, initial_noise((1, 3, 4, 6, 10), 0), torch.zeros(1, 5, 32), steps=1, guidance=1.0)
+    with pytest.raises(ValueError, match="negative"):
+        sample_cogvideox(cog, initial_noise((1, 4, 4, 6, 10), 0), torch.zeros(1, 5, 32), steps=1)
+    with pytest.raises(ValueError, match="scheduler must be one of"):
+        cogvideox_scheduler("euler")
