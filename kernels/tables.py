@@ -62,6 +62,19 @@ class KernelTables:
     def device(self) -> torch.device:
         return self.head_rules.device
 
+    def head_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(active head indices int32, skip head indices int64) on the tables' device, computed
+        once (one host sync) and cached on these tables."""
+        key = (id(self.head_rules), self.head_rules._version)
+        cached = getattr(self, "_head_split", None)
+        if cached is None or cached[0] != key:
+            order = self.head_rules[:, ORDER].cpu()
+            ids = torch.arange(self.heads)
+            active = ids[order != SKIP_HEAD].to(device=self.device, dtype=torch.int32)
+            skip = ids[order == SKIP_HEAD].to(device=self.device, dtype=torch.int64)
+            cached = self._head_split = (key, (active, skip))
+        return cached[1]
+
     def to(self, device) -> "KernelTables":
         """Copy of these tables with every tensor on `device`."""
         return KernelTables(self.head_rules.to(device), self.row_ptr.to(device), self.runs.to(device),

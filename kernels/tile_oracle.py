@@ -1,0 +1,69 @@
+"""Brute-force KernelTables from head rules: every tile classified from the exact rule mask.
+
+Slow (it evaluates the whole mask, one q-tile at a time) and independent of the plan compiler, so
+it is the oracle for the compiler's tables and builds tables for tests and small benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.functional import pad
+
+from .rule import ORDER, ROW_BASE, RULE_INTS, SKIP_HEAD, physical_to_logical, rule_mask
+from .tables import KernelTables
+
+
+def _tile_runs(rule: list[int], geom: tuple[int, int, int, int], seq_len: int, block_m: int,
+               block_n: int) -> list[list[tuple[int, int, int]]]:
+    """Per q-tile, the runs (k_start, k_end, full) of k-tiles with any attended pair."""
+    logical = physical_to_logical(torch.arange(seq_len), rule[ORDER], *geom)
+    n_k = -(-seq_len // block_n)
+    pad_n = n_k * block_n - seq_len
+    per_q_tile = []
+    for start in range(0, seq_len, block_m):
+        rows = logical[start:start + block_m]
+        m = rule_mask(rule, *geom, rows, logical)  # [rows, L], keys in physical order
+        # keys past the end count as attended for "all" and as absent for "any"
+        any_m = pad(m, (0, pad_n), value=False).view(len(rows), n_k, block_n).any(dim=2).any(dim=0)
+        all_m = pad(m, (0, pad_n), value=True).view(len(rows), n_k, block_n).all(dim=2).all(dim=0)
+        runs: list[tuple[int, int, int]] = []
+        for kt in torch.nonzero(any_m).flatten().tolist():
+            full = int(all_m[kt])
+            if runs and runs[-1][1] == kt and runs[-1][2] == full:
+                runs[-1] = (runs[-1][0], kt + 1, full)
+            else:
+                runs.append((kt, kt + 1, full))
+        per_q_tile.append(runs)
+    return per_q_tile
+
+
+def tables_from_rules(rules, prefix: int, frames: int, height: int, width: int, seq_len: int,
+                      block_m: int, block_n: int, device=None) -> KernelTables:
+    """Exact KernelTables for head rules ([H, 16]; ROW_BASE is filled in here), identical rules
+    sharing rows. Cost grows with H x L^2: for tests and small sizes only."""
+    rows = [list(map(int, r)) for r in torch.as_tensor(rules).tolist()]
+    if any(len(r) != RULE_INTS for r in rows):
+        raise ValueError(f"each head rule needs {RULE_INTS} ints")
+    geom = (prefix, frames, height, width)
+    row_ptr = [0]
+    runs: list[tuple[int, int, int]] = []
+    bases: dict[tuple[int, ...], int] = {}
+    head_rules = []
+    for r in rows:
+        key = tuple(r[:ROW_BASE] + r[ROW_BASE + 1:])
+        if r[ORDER] != SKIP_HEAD and key not in bases:
+            bases[key] = len(row_ptr) - 1
+            for tile_runs in _tile_runs(r, geom, seq_len, block_m, block_n):
+                runs.extend(tile_runs)
+                row_ptr.append(len(runs))
+        r = list(r)
+        r[ROW_BASE] = bases.get(key, 0)
+        head_rules.append(r)
+    tables = KernelTables(
+        head_rules=torch.tensor(head_rules, dtype=torch.int32, device=device),
+        row_ptr=torch.tensor(row_ptr, dtype=torch.int32, device=device),
+        runs=torch.tensor(runs, dtype=torch.int32, device=device).reshape(-1, 3),
+        prefix=prefix, frames=frames, height=height, width=width, seq_len=seq_len,
+        block_m=block_m, block_n=block_n)
+    tables.validate(check_contents=True)
+    return tables

@@ -1,0 +1,255 @@
+"""One Triton forward kernel for all sparse heads of a layer, driven by KernelTables.
+
+Grid: (q-tiles, batch x active heads). A program reads its head's rule row, walks the k-tile runs
+of its q-tile, loads K/V rows through the head's physical->logical map (rows stay contiguous, so
+loads stay vectorised), evaluates the exact rule only on partial tiles (or tiles crossing kv_len /
+the sequence end), and keeps an online softmax in base 2. Skip heads are never launched; their
+output slice is zero-filled. Registered as the custom op `torch.ops.sparse_vdit.sparse_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .tables import KernelTables
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.0 / math.log(2.0)
+_NEG_BIG = -1.0e30  # running max start: finite, so fully masked tiles never make NaN
+
+
+def _fix_interpreter_scalar_index() -> None:
+    """Under TRITON_INTERPRET, make runtime loop bounds work with numpy >= 2.4 (triton issue 9171:
+    the interpreter's scalars are 1-element arrays, which numpy 2.4 refuses to convert by int())."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch
+
+
+if _INTERPRET:
+    _fix_interpreter_scalar_index()
+
+
+def preferred_tiles(head_dim: int, device=None) -> tuple[int, int]:
+    """(block_m, block_n) for this head_dim on `device`: 128x64 where shared memory is large
+    (Hopper / A100-class), 64x64 on ~100 KB consumer GPUs and the CPU interpreter."""
+    if head_dim not in (64, 128):
+        raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
+    device = torch.device(device if device is not None else "cuda")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return (64, 64)
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    if smem >= 160 * 1024:
+        return (128, 64)
+    return (64, 64)
+
+
+def _autotune_configs() -> list:
+    if _INTERPRET:
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+
+
+@triton.jit
+def _to_logical(p, order, prefix, F, P, N):
+    """Physical positions -> logical token indices (space-major heads permute the grid)."""
+    g = p - prefix
+    on_grid = (g >= 0) & (g < N)
+    gs = tl.where(on_grid, g, 0)
+    space_major = prefix + (gs % F) * P + gs // F
+    return tl.where(on_grid & (order == 1), space_major, p)
+
+
+@triton.jit
+def _grid_coords(idx, prefix, P, W, N):
+    """Logical indices -> (g, on_grid, f, s, y, x); coordinates are 0 off the grid."""
+    g = idx - prefix
+    on_grid = (g >= 0) & (g < N)
+    gs = tl.where(on_grid, g, 0)
+    f = gs // P
+    s = gs % P
+    return g, on_grid, f, s, s // W, s % W
+
+
+@triton.jit
+def _rule_tile(lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N,
+               diag, md_s, md_t, win_f, win_y, win_x, stripe, n_cols,
+               c0s, c0e, c1s, c1e, c2s, c2e):
+    """The exact rule of kernels/rule.py on one [BLOCK_M, BLOCK_N] tile."""
+    gk, k_grid, fk, sk, yk, xk = _grid_coords(lk, prefix, P, W, N)
+    key_cols = (gk < stripe) | ((n_cols > 0) & (gk >= c0s) & (gk < c0e))
+    key_cols = key_cols | ((n_cols > 1) & (gk >= c1s) & (gk < c1e))
+    key_cols = key_cols | ((n_cols > 2) & (gk >= c2s) & (gk < c2e))
+    key_always = key_cols | (k_grid == 0)
+    allowed = (q_grid == 0)[:, None] | key_always[None, :] | (lq[:, None] == lk[None, :])
+    if diag >= 0:
+        allowed = allowed | (tl.abs(gq[:, None] - gk[None, :]) <= diag)
+    if md_s >= 0:
+        allowed = allowed | ((tl.abs(sq[:, None] - sk[None, :]) <= md_s)
+                             & (tl.abs(fq[:, None] - fk[None, :]) <= md_t))
+    if win_f >= 0:
+        allowed = allowed | ((tl.abs(fq[:, None] - fk[None, :]) <= win_f)
+                             & (tl.abs(yq[:, None] - yk[None, :]) <= win_y)
+                             & (tl.abs(xq[:, None] - xk[None, :]) <= win_x))
+    return allowed
+
+
+@triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION"],
+                 cache_results=True)
+@triton.jit
+def _sparse_attention_fwd(
+    Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN,
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
+    n_active, L, prefix, F, W, P, N, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KV_LEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_active).to(tl.int64)
+    h = tl.load(ACTIVE + pid_bh % n_active).to(tl.int64)
+    rule = RULES + h * 16
+    order = tl.load(rule + 0)
+    row_base = tl.load(rule + 1)
+    diag = tl.load(rule + 2)
+    md_s = tl.load(rule + 3)
+    md_t = tl.load(rule + 4)
+    win_f = tl.load(rule + 5)
+    win_y = tl.load(rule + 6)
+    win_x = tl.load(rule + 7)
+    stripe = tl.load(rule + 8)
+    n_cols = tl.load(rule + 9)
+    c0s = tl.load(rule + 10)
+    c0e = tl.load(rule + 11)
+    c1s = tl.load(rule + 12)
+    c1e = tl.load(rule + 13)
+    c2s = tl.load(rule + 14)
+    c2e = tl.load(rule + 15)
+    if HAS_KV_LEN:
+        kv_end = tl.minimum(tl.load(KV_LEN + b), L)
+    else:
+        kv_end = L
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    lq = _to_logical(offs_m, order, prefix, F, P, N)
+    q_valid = offs_m < L
+    q_ptrs = Q + b * stride_qb + h * stride_qh + lq.to(tl.int64)[:, None] * stride_ql + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
+    gq, q_grid, fq, sq, yq, xq = _grid_coords(lq, prefix, P, W, N)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # a space-major head cut inside the grid has the cut keys spread over all its tiles
+    scattered_cut = (order == 1) & (kv_end < prefix + N)
+    run_lo = tl.load(ROW_PTR + row_base + pid_m)
+    run_hi = tl.load(ROW_PTR + row_base + pid_m + 1)
+    for r in range(run_lo, run_hi):
+        kt_lo = tl.load(RUNS + 3 * r)
+        kt_hi = tl.load(RUNS + 3 * r + 1)
+        full = tl.load(RUNS + 3 * r + 2)
+        for kt in range(kt_lo, kt_hi):
+            offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+            lk = _to_logical(offs_n, order, prefix, F, P, N)
+            k_valid = offs_n < L
+            k = tl.load(k_base + lk.to(tl.int64)[:, None] * stride_kl + offs_d[None, :],
+                        mask=k_valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            if (full == 0) | (kt * BLOCK_N + BLOCK_N > kv_end) | scattered_cut:
+                allowed = _rule_tile(lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N,
+                                     diag, md_s, md_t, win_f, win_y, win_x, stripe, n_cols,
+                                     c0s, c0e, c1s, c1e, c2s, c2e)
+                allowed = allowed & (lk < kv_end)[None, :]
+                s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + lk.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
+                        mask=k_valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + lq.to(tl.int64)[:, None] * stride_ol + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_valid[:, None])
+
+
+def _bhld(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x if layout == "bhld" else x.transpose(1, 2)
+
+
+def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                            head_rules: torch.Tensor, row_ptr: torch.Tensor, runs: torch.Tensor,
+                            active_heads: torch.Tensor, skip_heads: torch.Tensor,
+                            kv_len: Optional[torch.Tensor], geometry: list[int], block_m: int,
+                            block_n: int, layout: str, scale: float) -> None:
+    """Write sparse attention into `out` (same layout as q): skip heads zero-filled, active heads
+    by the kernel. geometry = [prefix, frames, height, width]; inputs must already be validated."""
+    qb, kb, vb, ob = (_bhld(t, layout) for t in (q, k, v, out))
+    B, _, L, D = qb.shape
+    prefix, frames, height, width = geometry
+    P = height * width
+    if skip_heads.numel():
+        ob.index_fill_(1, skip_heads, 0)
+    n_active = active_heads.numel()
+    if n_active == 0:
+        return
+    grid = (triton.cdiv(L, block_m), B * n_active)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    _sparse_attention_fwd[grid](
+        qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads,
+        kv_len if kv_len is not None else head_rules,
+        qb.stride(0), qb.stride(1), qb.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
+        vb.stride(0), vb.stride(1), vb.stride(2), ob.stride(0), ob.stride(1), ob.stride(2),
+        n_active, L, prefix, frames, width, P, frames * P, scale * _LOG2E,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
+        PRECISION=precision,
+    )
+
+
+@torch.library.custom_op("sparse_vdit::sparse_attention", mutates_args=())
+def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_rules: torch.Tensor,
+                        row_ptr: torch.Tensor, runs: torch.Tensor, active_heads: torch.Tensor,
+                        skip_heads: torch.Tensor, kv_len: Optional[torch.Tensor], geometry: list[int],
+                        block_m: int, block_n: int, layout: str, scale: float) -> torch.Tensor:
+    """Custom-op form of `launch_sparse_attention` returning a new contiguous output."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    launch_sparse_attention(q, k, v, out, head_rules, row_ptr, runs, active_heads, skip_heads, kv_len,
+                            geometry, block_m, block_n, layout, scale)
+    return out
+
+
+@sparse_attention_op.register_fake
+def _sparse_attention_fake(q, k, v, head_rules, row_ptr, runs, active_heads, skip_heads, kv_len,
+                           geometry, block_m, block_n, layout, scale):
+    return q.new_empty(q.shape)
+
+
+def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: KernelTables,
+                            layout: str, kv_len: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """Sparse attention through the custom op (inputs must already be validated)."""
+    active, skip = tables.head_split()
+    return torch.ops.sparse_vdit.sparse_attention(
+        q, k, v, tables.head_rules, tables.row_ptr, tables.runs, active, skip, kv_len,
+        [tables.prefix, tables.frames, tables.height, tables.width],
+        tables.block_m, tables.block_n, layout, float(scale))

@@ -1,0 +1,293 @@
+"""Sparse attention kernels: the rule, the tables, the torch reference and the Triton kernel
+(under TRITON_INTERPRET on the CPU) against a float64 masked softmax built from rule_mask."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from sparse_vdit.kernels import (KernelTables, rule_mask, sparse_attention, sparse_attention_reference,
+                                 supports, tables_from_rules)
+from sparse_vdit.kernels import rule as R
+from sparse_vdit.kernels.triton_attention import launch_sparse_attention
+
+
+def make_rule(order=0, diag=-1, md=None, win=None, stripe=0, cols=()):
+    """A 16-int rule row; md = (spatial, frames), win = (f, y, x), cols = [(start, end), ...]."""
+    r = [0] * R.RULE_INTS
+    r[R.ORDER], r[R.DIAG], r[R.MD_S], r[R.WIN_F] = order, diag, -1, -1
+    if md is not None:
+        r[R.MD_S], r[R.MD_T] = md
+    if win is not None:
+        r[R.WIN_F], r[R.WIN_Y], r[R.WIN_X] = win
+    r[R.STRIPE_FIRST] = stripe
+    r[R.N_COLS] = len(cols)
+    for i, (a, b) in enumerate(cols):
+        r[R.COLS + 2 * i], r[R.COLS + 2 * i + 1] = a, b
+    return r
+
+
+def random_rule(rng: random.Random, F: int, H: int, W: int, kind: str):
+    P, N = H * W, F * H * W
+    order = rng.choice([0, 1])
+    if kind == "skip":
+        return make_rule(order=R.SKIP_HEAD)
+    if kind == "dense":
+        return make_rule(order=order, diag=N)
+    if kind == "diag":
+        return make_rule(order=order, diag=rng.randint(0, 2 * P))
+    if kind == "md":
+        return make_rule(order=order, md=(rng.randint(0, P // 2), rng.randint(0, F)))
+    if kind == "win":
+        return make_rule(order=order, win=(rng.randint(0, F - 1), rng.randint(0, H // 2), rng.randint(0, W // 2)))
+    if kind == "stripe":
+        a = rng.randint(0, N - 2)
+        return make_rule(order=order, stripe=rng.randint(0, P), cols=[(a, rng.randint(a + 1, N))])
+    if kind == "mix":
+        c = sorted(rng.sample(range(N), 6))
+        return make_rule(order=order, diag=rng.randint(0, P), md=(rng.randint(0, 3), rng.randint(0, 2)),
+                         win=(1, 1, rng.randint(0, 2)), stripe=rng.randint(0, 4),
+                         cols=[(c[0], c[1]), (c[2], c[3]), (c[4], c[5])])
+    raise AssertionError(kind)
+
+
+def float64_attention(q, k, v, rules, geom, layout, kv_len, scale):
+    """Dense float64 masked softmax from rule_mask (empty rows give 0), in [B, H, L, D]."""
+    if layout == "blhd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    L = q.shape[2]
+    idx = torch.arange(L)
+    mask = rule_mask(torch.tensor(rules), *geom, idx, idx)[None]  # [1, H, L, L]
+    if kv_len is not None:
+        mask = mask & (idx[None, :] < kv_len.long()[:, None])[:, None, None, :]
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return p @ v.double()
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ---- the rule -----------------------------------------------------------------------------------
+
+def _spec_mask(rule, prefix, F, H, W, L):
+    """The DESIGN.md 3 rule written out pair by pair (slow; tiny sizes)."""
+    P, N = H * W, F * H * W
+    out = torch.zeros(L, L, dtype=torch.bool)
+    if rule[R.ORDER] == R.SKIP_HEAD:
+        return out
+    for i in range(L):
+        for j in range(L):
+            gi, gj = i - prefix, j - prefix
+            if not (0 <= gi < N and 0 <= gj < N) or i == j:
+                out[i, j] = True
+                continue
+            fi, si, fj, sj = gi // P, gi % P, gj // P, gj % P
+            ok = rule[R.DIAG] >= 0 and abs(gi - gj) <= rule[R.DIAG]
+            ok |= rule[R.MD_S] >= 0 and abs(si - sj) <= rule[R.MD_S] and abs(fi - fj) <= rule[R.MD_T]
+            ok |= (rule[R.WIN_F] >= 0 and abs(fi - fj) <= rule[R.WIN_F]
+                   and abs(si // W - sj // W) <= rule[R.WIN_Y] and abs(si % W - sj % W) <= rule[R.WIN_X])
+            ok |= gj < rule[R.STRIPE_FIRST]
+            ok |= any(rule[R.COLS + 2 * c] <= gj < rule[R.COLS + 2 * c + 1] for c in range(rule[R.N_COLS]))
+            out[i, j] = ok
+    return out
+
+
+@pytest.mark.parametrize("kind", ["skip", "dense", "diag", "md", "win", "stripe", "mix"])
+def test_rule_mask_matches_the_written_rule(kind):
+    rng = random.Random(hash(kind) % 1000)
+    prefix, F, H, W, suffix = 2, 3, 3, 4, 1
+    L = prefix + F * H * W + suffix
+    rule = random_rule(rng, F, H, W, kind)
+    idx = torch.arange(L)
+    got = rule_mask(rule, prefix, F, H, W, idx, idx)
+    assert torch.equal(got, _spec_mask(rule, prefix, F, H, W, L))
+    rows = torch.tensor([5, 0, L - 1])
+    assert torch.equal(rule_mask([rule, rule], prefix, F, H, W, rows, idx)[1], got[rows])
+
+
+def test_physical_logical_maps_are_inverse_permutations():
+    prefix, F, H, W, L = 3, 4, 3, 5, 3 + 60 + 2
+    p = torch.arange(L)
+    for order in (R.FRAME_MAJOR, R.SPACE_MAJOR):
+        lg = R.physical_to_logical(p, order, prefix, F, H, W)
+        assert torch.equal(torch.sort(lg).values, p)
+        assert torch.equal(R.logical_to_physical(lg, order, prefix, F, H, W), p)
+    lg = R.physical_to_logical(p, R.SPACE_MAJOR, prefix, F, H, W)
+    assert lg[prefix + 1].item() == prefix + H * W  # physical grid 1 = spatial 0 of frame 1
+    assert torch.equal(lg[:prefix], p[:prefix]) and torch.equal(lg[-2:], p[-2:])
+
+
+def test_rule_mask_rejects_bad_rules_and_geometry():
+    idx = torch.arange(4)
+    with pytest.raises(ValueError, match="16 ints"):
+        rule_mask([0] * 15, 0, 1, 2, 2, idx, idx)
+    with pytest.raises(ValueError, match="integers"):
+        rule_mask(torch.zeros(16), 0, 1, 2, 2, idx, idx)
+    with pytest.raises(ValueError, match="geometry"):
+        rule_mask(make_rule(diag=1), 0, 0, 2, 2, idx, idx)
+
+
+# ---- tables -------------------------------------------------------------------------------------
+
+def _tables(**over):
+    t = tables_from_rules([make_rule(diag=3), make_rule(order=R.SKIP_HEAD)], 1, 2, 3, 4, 27, 16, 16)
+    for key, val in over.items():
+        setattr(t, key, val)
+    return t
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(head_rules=torch.zeros(2, 15, dtype=torch.int32)), "head_rules"),
+    (dict(runs=torch.zeros(3, 3, dtype=torch.int64)), "int32"),
+    (dict(row_ptr=torch.zeros(2, 2, dtype=torch.int32)), "row_ptr"),
+    (dict(block_m=48), "power of two"),
+    (dict(seq_len=20), "seq_len"),
+    (dict(frames=0), "geometry"),
+    (dict(prefix=1.0), "int"),
+])
+def test_tables_validate_rejects_bad_fields(over, match):
+    with pytest.raises(ValueError, match=match):
+        _tables(**over).validate()
+
+
+def test_tables_validate_contents():
+    t = _tables()
+    t.validate(check_contents=True)
+    bad = t.runs.clone()
+    bad[0, 1] = t.num_k_tiles + 1
+    with pytest.raises(ValueError, match="runs"):
+        KernelTables(t.head_rules, t.row_ptr, bad, 1, 2, 3, 4, 27, 16, 16).validate(check_contents=True)
+    rules = t.head_rules.clone()
+    rules[0, R.ROW_BASE] = 5
+    with pytest.raises(ValueError, match="ROW_BASE"):
+        KernelTables(rules, t.row_ptr, t.runs, 1, 2, 3, 4, 27, 16, 16).validate(check_contents=True)
+
+
+def test_tile_oracle_classifies_every_tile():
+    rng = random.Random(3)
+    prefix, F, H, W, L, bm, bn = 2, 3, 4, 5, 2 + 60 + 3, 32, 16
+    rules = [random_rule(rng, F, H, W, kind) for kind in ("diag", "md", "win", "stripe")]
+    t = tables_from_rules(rules, prefix, F, H, W, L, bm, bn)
+    for h, rule in enumerate(rules):
+        phys = torch.arange(L)
+        lg = R.physical_to_logical(phys, rule[R.ORDER], prefix, F, H, W)
+        m = rule_mask(rule, prefix, F, H, W, lg, lg)  # physical x physical
+        base = t.head_rules[h, R.ROW_BASE].item()
+        for qt in range(t.num_q_tiles):
+            want = {}
+            for kt in range(t.num_k_tiles):
+                blk = m[qt * bm:(qt + 1) * bm, kt * bn:(kt + 1) * bn]
+                if blk.any():
+                    want[kt] = int(blk.all())
+            got = {}
+            for r in range(t.row_ptr[base + qt].item(), t.row_ptr[base + qt + 1].item()):
+                a, b, full = t.runs[r].tolist()
+                got.update({kt: full for kt in range(a, b)})
+            assert got == want
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+CASES = [
+    # (seed, prefix, F, H, W, suffix, heads kinds, D, layout, block_m, block_n, kv_cut)
+    (1, 3, 3, 5, 7, 4, ["diag", "md", "skip", "win"], 64, "bhld", 32, 16, False),
+    (2, 0, 4, 3, 5, 0, ["stripe", "dense", "mix"], 64, "blhd", 16, 32, True),
+    (3, 5, 2, 7, 3, 0, ["mix", "win", "md"], 128, "bhld", 32, 32, True),
+    (4, 0, 3, 4, 3, 9, ["diag", "skip", "stripe"], 128, "blhd", 16, 16, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{c[0]}" for c in CASES])
+def test_kernel_and_reference_match_float64(case):
+    seed, prefix, F, H, W, suffix, kinds, D, layout, bm, bn, kv_cut = case
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    L = prefix + F * H * W + suffix
+    rules = [random_rule(rng, F, H, W, kind) for kind in kinds]
+    tables = tables_from_rules(rules, prefix, F, H, W, L, bm, bn)
+    B, nh = 2, len(rules)
+    shape = (B, nh, L, D) if layout == "bhld" else (B, L, nh, D)
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    kv_len = torch.tensor([L, rng.randint(L // 3, L - 1)], dtype=torch.int32) if kv_cut else None
+    scale = 1.0 / math.sqrt(D)
+    want = float64_attention(q, k, v, rules, (prefix, F, H, W), layout, kv_len, scale)
+
+    out = torch.full(shape, float("nan"))
+    active, skip = tables.head_split()
+    launch_sparse_attention(q, k, v, out, tables.head_rules, tables.row_ptr, tables.runs, active, skip,
+                            kv_len, [prefix, F, H, W], bm, bn, layout, scale)
+    assert not out.isnan().any(), "kernel left output unwritten"
+    ref = sparse_attention_reference(q, k, v, tables, layout, kv_len, scale)
+    api = sparse_attention(q, k, v, tables, layout=layout, kv_len=kv_len)
+    for got in (out, ref, api):
+        got_bhld = got if layout == "bhld" else got.transpose(1, 2)
+        assert got.shape == shape and got.dtype == q.dtype
+        assert rel_err(got_bhld, want) <= 1e-5
+        for h, kind in enumerate(kinds):
+            if kind == "skip":
+                assert torch.equal(got_bhld[:, h], torch.zeros_like(got_bhld[:, h]))
+
+
+def test_rows_with_no_key_are_zero_not_nan():
+    # diagonal of half-width 0 and no prefix: grid queries past kv_len have nothing left to attend
+    F, H, W = 2, 4, 4
+    L = F * H * W
+    tables = tables_from_rules([make_rule(diag=0)], 0, F, H, W, L, 16, 16)
+    q, k, v = (torch.randn(1, 1, L, 64) for _ in range(3))
+    kv_len = torch.tensor([10], dtype=torch.int32)
+    for backend in ("triton", "reference"):
+        out = sparse_attention(q, k, v, tables, kv_len=kv_len, backend=backend)
+        assert torch.equal(out[0, 0, 10:], torch.zeros(L - 10, 64))
+        assert torch.allclose(out[0, 0, :10], v[0, 0, :10], atol=1e-6)
+
+
+def test_kernel_reads_the_full_flags():
+    # a q-tile's partial k-tile marked full lets masked pairs in: the result must change
+    prefix, F, H, W = 0, 2, 4, 8
+    L = F * H * W
+    tables = tables_from_rules([make_rule(diag=5)], prefix, F, H, W, L, 16, 16)
+    q, k, v = (torch.randn(1, 1, L, 64) for _ in range(3))
+    good = sparse_attention(q, k, v, tables)
+    assert (tables.runs[:, 2] == 0).any()
+    runs = tables.runs.clone()
+    runs[:, 2] = 1
+    forged = KernelTables(tables.head_rules, tables.row_ptr, runs, prefix, F, H, W, L, 16, 16)
+    bad = sparse_attention(q, k, v, forged)
+    assert rel_err(bad, good.double()) > 1e-2
+    dense = float64_attention(q, k, v, [make_rule(diag=L)], (prefix, F, H, W), "bhld", None, 64 ** -0.5)
+    assert rel_err(good, dense) > 1e-2  # the band really is sparse
+
+
+def _inputs(L=27, H=2, D=64, layout="bhld"):
+    shape = (1, H, L, D) if layout == "bhld" else (1, L, H, D)
+    return [torch.randn(shape) for _ in range(3)]
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda q, k, v, t: (q, k[:, :, :-1], v, t, {}), "k shape"),
+    (lambda q, k, v, t: (q, k, v.double(), t, {}), "v dtype"),
+    (lambda q, k, v, t: (q[:, :1], k[:, :1], v[:, :1], t, {}), "heads"),
+    (lambda q, k, v, t: (q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], t, {}), "sequence length"),
+    (lambda q, k, v, t: (q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), t, {}), "contiguous"),
+    (lambda q, k, v, t: (q[0], k[0], v[0], t, {}), "4-D"),
+    (lambda q, k, v, t: (q, k, v, t, {"layout": "bshd"}), "layout"),
+    (lambda q, k, v, t: (q, k, v, t, {"backend": "cuda"}), "backend"),
+    (lambda q, k, v, t: (q, k, v, t, {"kv_len": torch.tensor([5])}), "kv_len"),
+    (lambda q, k, v, t: (q, k, v, t, {"kv_len": torch.tensor([5, 5], dtype=torch.int32)}), "kv_len"),
+    (lambda q, k, v, t: (q.double(), k.double(), v.double(), t, {}), "dtype"),
+    (lambda q, k, v, t: (q[..., :48], k[..., :48], v[..., :48], t, {}), "head_dim"),
+])
+def test_bad_inputs_raise_value_error(mutate, match):
+    tables = tables_from_rules([make_rule(diag=3), make_rule(order=1, md=(1, 1))], 1, 2, 3, 4, 27, 16, 16)
+    q, k, v, t, kw = mutate(*_inputs(), tables)
+    with pytest.raises(ValueError, match=match):
+        sparse_attention(q, k, v, t, **kw)
+
+
+def test_supports_names_the_reason():
+    assert supports(torch.randn(1, 1, 4, 64)) is None  # float32 under the CPU interpreter
+    assert "dtype" in supports(torch.randn(1, 1, 4, 64, dtype=torch.float64))
+    assert "head_dim" in supports(torch.randn(1, 1, 4, 80))
