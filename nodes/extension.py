@@ -32,9 +32,9 @@ def missing_support() -> str | None:
 
 def node_classes() -> list:
     """Every node class of the extension."""
-    from . import compare_node, strategy_nodes
+    from . import compare_node, search_node, strategy_nodes
 
-    return [*strategy_nodes.NODES, *compare_node.NODES]
+    return [*strategy_nodes.NODES, *search_node.NODES, *compare_node.NODES]
 
 
 async def make_extension():

@@ -77,7 +77,7 @@ def load(name: str) -> Any:
     return _cache[key]
 
 
-def _safe_stem(prefix: str) -> str:
+def safe_stem(prefix: str) -> str:
     stem = prefix.strip().replace("\\", "/").strip("/")
     if stem.endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
@@ -88,11 +88,18 @@ def _safe_stem(prefix: str) -> str:
     return os.path.join(*parts)
 
 
+def search_state_path(filename_prefix: str) -> str:
+    """Where a search named ``filename_prefix`` keeps its resumable state (not listed as a strategy)."""
+    root = _folder_paths().get_folder_paths(FOLDER)[0]
+    os.makedirs(root, exist_ok=True)
+    return os.path.join(root, safe_stem(filename_prefix).replace(os.sep, "_") + ".search-state")
+
+
 def save(strategy: Any, filename_prefix: str) -> str:
     """Write ``strategy`` as a new file ``<prefix>_00001.safetensors`` in the first strategy
     folder; returns the name relative to that folder."""
     root = _folder_paths().get_folder_paths(FOLDER)[0]
-    stem = _safe_stem(filename_prefix)
+    stem = safe_stem(filename_prefix)
     os.makedirs(os.path.dirname(os.path.join(root, stem)) or root, exist_ok=True)
     counter = 1
     while os.path.exists(os.path.join(root, f"{stem}_{counter:05d}.safetensors")):

@@ -13,7 +13,7 @@ import torch
 from sparse_vdit.nodes import override as ov
 from sparse_vdit.strategies.geometry import VideoGeometry
 
-HEADS, HEAD_DIM = 2, 8
+HEADS, HEAD_DIM = 2, 64
 
 
 def comfy_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 NODE_MODULES = ("sockets", "strategy_nodes", "compare_node", "extension", "search_node",
-                "diffusers_nodes", "routes", "strategy_store")
+                "diffusers_nodes", "routes", "strategy_store", "patch")
 
 
 # ----------------------------------------------------------------------------- the stand-in
@@ -62,6 +62,63 @@ def fake_io():
     return io
 
 
+class Interrupted(Exception):
+    """Stands for comfy.model_management.InterruptProcessingException."""
+
+
+def comfy_runtime(run):
+    """Stand-ins for comfy.model_management / sample / samplers / utils / patcher_extension.
+
+    The sampler is a plain Euler loop over ``model.forward(latent, sigma)`` (the ModelPatcher
+    stand-in of test_comfy_override_patch); progress and interrupts are recorded in ``run``.
+    """
+    mm = types.ModuleType("comfy.model_management")
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.processing_interrupted = lambda: run.interrupted
+
+    def throw_if_interrupted():
+        if run.interrupted:
+            run.interrupted = False
+            raise Interrupted("Processing interrupted")
+
+    mm.throw_exception_if_processing_interrupted = throw_if_interrupted
+    samplers = types.ModuleType("comfy.samplers")
+    samplers.KSampler = types.SimpleNamespace(SAMPLERS=["euler", "uni_pc"], SCHEDULERS=["simple"])
+    samplers.calculate_sigmas = lambda model_sampling, scheduler, steps: torch.linspace(1.0, 0.0, steps + 1)
+    sample = types.ModuleType("comfy.sample")
+    sample.fix_empty_latent_channels = lambda model, x: x
+    sample.prepare_noise = lambda x, seed, index=None: torch.randn(
+        x.shape, generator=torch.Generator().manual_seed(seed))
+
+    def euler(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, image, **kw):
+        x = noise.clone()
+        sigmas = samplers.calculate_sigmas(None, scheduler, steps)
+        for i in range(steps):
+            outs = model.forward(x, float(sigmas[i]))
+            run.forwards += 1
+            x = x - (sigmas[i] - sigmas[i + 1]) * torch.stack([o.mean() for o in outs]).sum()
+        return x
+
+    sample.sample = euler
+    utils = types.ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None):
+            run.progress.append((value, total or self.total))
+            if run.interrupt_after is not None and value >= run.interrupt_after:
+                run.interrupted = True
+
+    utils.ProgressBar = ProgressBar
+    ext = types.ModuleType("comfy.patcher_extension")
+    ext.WrappersMP = types.SimpleNamespace(DIFFUSION_MODEL="diffusion_model")
+    ext.CallbacksMP = types.SimpleNamespace(ON_PREPARE_STATE="on_prepare_state")
+    return {"comfy": types.ModuleType("comfy"), "comfy.model_management": mm, "comfy.samplers": samplers,
+            "comfy.sample": sample, "comfy.utils": utils, "comfy.patcher_extension": ext}
+
+
 @pytest.fixture
 def comfy(monkeypatch, tmp_path):
     """Stand-ins for comfy_api.latest, comfy and folder_paths (models dir under tmp_path)."""
@@ -72,9 +129,8 @@ def comfy(monkeypatch, tmp_path):
     latest.ComfyExtension = type("ComfyExtension", (), {})
     attention = types.ModuleType("comfy.ldm.modules.attention")
     attention.wrap_attn = lambda f: f
-    mm = types.ModuleType("comfy.model_management")
-    mm.get_torch_device = lambda: torch.device("cpu")
-    mm.throw_exception_if_processing_interrupted = lambda: None
+    run = types.SimpleNamespace(progress=[], interrupt_after=None, interrupted=False, forwards=0)
+    comfy_modules = comfy_runtime(run)
     fp = types.ModuleType("folder_paths")
     fp.models_dir = str(tmp_path / "models")
     fp.folder_names_and_paths = {}
@@ -99,18 +155,24 @@ def comfy(monkeypatch, tmp_path):
 
     fp.get_folder_paths, fp.get_filename_list, fp.get_full_path = folder, names, full_path
     modules = {"comfy_api": types.ModuleType("comfy_api"), "comfy_api.latest": latest,
-               "comfy": types.ModuleType("comfy"), "comfy.ldm": types.ModuleType("comfy.ldm"),
+               "comfy.ldm": types.ModuleType("comfy.ldm"),
                "comfy.ldm.modules": types.ModuleType("comfy.ldm.modules"),
-               "comfy.ldm.modules.attention": attention, "comfy.model_management": mm,
-               "folder_paths": fp}
+               "comfy.ldm.modules.attention": attention, "folder_paths": fp, **comfy_modules}
     modules["comfy.ldm.modules"].attention = attention
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    for name in NODE_MODULES:  # node modules bind comfy_api at import: re-import them here
+        if name.startswith("comfy.") and name.count(".") == 1:
+            setattr(modules["comfy"], name.split(".")[1], module)
+    import sparse_vdit.nodes as package
+
+    for name in NODE_MODULES:  # node modules bind comfy at import: re-import them in each test
         monkeypatch.delitem(sys.modules, f"sparse_vdit.nodes.{name}", raising=False)
-    yield types.SimpleNamespace(fp=fp, attention=attention, latest=latest)
+        monkeypatch.delattr(package, name, raising=False)
+    yield types.SimpleNamespace(fp=fp, attention=attention, latest=latest, run=run)
     for name in NODE_MODULES:
         sys.modules.pop(f"sparse_vdit.nodes.{name}", None)
+        if hasattr(package, name):
+            delattr(package, name)
 
 
 def extension_nodes(comfy):
