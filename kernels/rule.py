@@ -64,7 +64,6 @@ def rule_mask(rules, prefix: int, frames: int, height: int, width: int,
     q_idx = torch.as_tensor(q_idx).to(torch.int64).reshape(-1)
     k_idx = torch.as_tensor(k_idx).to(torch.int64).reshape(-1)
     device = q_idx.device
-    rows = rows.to(device)
     k_idx = k_idx.to(device)
     P = height * width
     N = frames * P

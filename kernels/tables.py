@@ -63,16 +63,19 @@ class KernelTables:
         return self.head_rules.device
 
     def head_split(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(active head indices int32, skip head indices int64) on the tables' device, computed
-        once (one host sync) and cached on these tables."""
-        key = (id(self.head_rules), self.head_rules._version)
-        cached = getattr(self, "_head_split", None)
-        if cached is None or cached[0] != key:
-            order = self.head_rules[:, ORDER].cpu()
+        """(active head indices int32, skip head indices int64) on the tables' device.
+
+        Computed once per head_rules tensor (one host sync) and cached on that tensor, so tables
+        rebuilt around the same head_rules reuse it."""
+        rules = self.head_rules
+        cached = getattr(rules, "_sparse_vdit_head_split", None)
+        if cached is None or cached[0] != rules._version:
+            order = rules[:, ORDER].cpu()
             ids = torch.arange(self.heads)
             active = ids[order != SKIP_HEAD].to(device=self.device, dtype=torch.int32)
             skip = ids[order == SKIP_HEAD].to(device=self.device, dtype=torch.int64)
-            cached = self._head_split = (key, (active, skip))
+            cached = (rules._version, (active, skip))
+            rules._sparse_vdit_head_split = cached
         return cached[1]
 
     def to(self, device) -> "KernelTables":

@@ -14,9 +14,9 @@ from .tables import KernelTables
 
 
 def _tile_runs(rule: list[int], geom: tuple[int, int, int, int], seq_len: int, block_m: int,
-               block_n: int) -> list[list[tuple[int, int, int]]]:
+               block_n: int, device) -> list[list[tuple[int, int, int]]]:
     """Per q-tile, the runs (k_start, k_end, full) of k-tiles with any attended pair."""
-    logical = physical_to_logical(torch.arange(seq_len), rule[ORDER], *geom)
+    logical = physical_to_logical(torch.arange(seq_len, device=device), rule[ORDER], *geom)
     n_k = -(-seq_len // block_n)
     pad_n = n_k * block_n - seq_len
     per_q_tile = []
@@ -27,8 +27,9 @@ def _tile_runs(rule: list[int], geom: tuple[int, int, int, int], seq_len: int, b
         any_m = pad(m, (0, pad_n), value=False).view(len(rows), n_k, block_n).any(dim=2).any(dim=0)
         all_m = pad(m, (0, pad_n), value=True).view(len(rows), n_k, block_n).all(dim=2).all(dim=0)
         runs: list[tuple[int, int, int]] = []
+        full_flags = all_m.tolist()
         for kt in torch.nonzero(any_m).flatten().tolist():
-            full = int(all_m[kt])
+            full = int(full_flags[kt])
             if runs and runs[-1][1] == kt and runs[-1][2] == full:
                 runs[-1] = (runs[-1][0], kt + 1, full)
             else:
@@ -40,7 +41,7 @@ def _tile_runs(rule: list[int], geom: tuple[int, int, int, int], seq_len: int, b
 def tables_from_rules(rules, prefix: int, frames: int, height: int, width: int, seq_len: int,
                       block_m: int, block_n: int, device=None) -> KernelTables:
     """Exact KernelTables for head rules ([H, 16]; ROW_BASE is filled in here), identical rules
-    sharing rows. Cost grows with H x L^2: for tests and small sizes only."""
+    sharing rows. Cost grows with H x L^2 (evaluated on `device`): for tests and small sizes."""
     rows = [list(map(int, r)) for r in torch.as_tensor(rules).tolist()]
     if any(len(r) != RULE_INTS for r in rows):
         raise ValueError(f"each head rule needs {RULE_INTS} ints")
@@ -53,7 +54,7 @@ def tables_from_rules(rules, prefix: int, frames: int, height: int, width: int, 
         key = tuple(r[:ROW_BASE] + r[ROW_BASE + 1:])
         if r[ORDER] != SKIP_HEAD and key not in bases:
             bases[key] = len(row_ptr) - 1
-            for tile_runs in _tile_runs(r, geom, seq_len, block_m, block_n):
+            for tile_runs in _tile_runs(r, geom, seq_len, block_m, block_n, device or "cpu"):
                 runs.extend(tile_runs)
                 row_ptr.append(len(runs))
         r = list(r)

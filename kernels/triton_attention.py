@@ -107,14 +107,17 @@ def _rule_tile(lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N,
     return allowed
 
 
-@triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION"],
+# work_bucket (bit length of the program count) is only an autotune key: the best warps/stages
+# depend on how many programs fill the GPU.
+@triton.autotune(configs=_autotune_configs(),
+                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "work_bucket"],
                  cache_results=True)
 @triton.jit
 def _sparse_attention_fwd(
     Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
-    n_active, L, prefix, F, W, P, N, qk_scale,
+    n_active, L, prefix, F, W, P, N, qk_scale, work_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -172,20 +175,20 @@ def _sparse_attention_fwd(
             k_valid = offs_n < L
             k = tl.load(k_base + lk.to(tl.int64)[:, None] * stride_kl + offs_d[None, :],
                         mask=k_valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             if (full == 0) | (kt * BLOCK_N + BLOCK_N > kv_end) | scattered_cut:
                 allowed = _rule_tile(lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N,
                                      diag, md_s, md_t, win_f, win_y, win_x, stripe, n_cols,
                                      c0s, c0e, c1s, c1e, c2s, c2e)
                 allowed = allowed & (lk < kv_end)[None, :]
                 s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + lk.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
                         mask=k_valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
             m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -222,6 +225,7 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         qb.stride(0), qb.stride(1), qb.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
         vb.stride(0), vb.stride(1), vb.stride(2), ob.stride(0), ob.stride(1), ob.stride(2),
         n_active, L, prefix, frames, width, P, frames * P, scale * _LOG2E,
+        (grid[0] * grid[1]).bit_length(),
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
         PRECISION=precision,
     )

@@ -1,0 +1,329 @@
+"""Attention benchmark on the GPU (bf16, B=1) at the four real video shapes.
+
+Side by side in one run: torch SDPA (cuDNN, flash), SageAttention 1.0.6 (if importable), our
+kernel in dense mode, each pattern family at several token densities and a mixed layer, and
+FlexAttention on the identical block mask (its BlockMask is built from our tables, its mask_mod
+evaluates the same rule). Each sparse output is checked against float32 on sampled query rows.
+
+    python3 -m sparse_vdit.bench.attention [--shapes wan13b,wan14b,hunyuan,cogvideox]
+        [--densities 0.05,0.15,0.3,0.5] [--tiles 128x64] [--out DIR]
+
+Prints a markdown table last and writes it (and the rows as JSON) to --out (default $OUT or .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+import traceback
+
+import torch
+import triton
+
+from ..kernels import rule as R
+from ..kernels import rule_mask
+from ..strategies.geometry import VideoGeometry
+from ..strategies.patterns import FAMILIES, Dense, Skip, pattern_for_density
+from ..strategies.plan import clear_plans, compile_layer
+
+SHAPES = {  # name: (label, geometry, heads, head_dim)
+    "wan13b": ("Wan2.1-1.3B 480p", VideoGeometry(frames=21, height=30, width=52), 12, 128),
+    "wan14b": ("Wan2.1-14B 720p", VideoGeometry(frames=21, height=45, width=80), 40, 128),
+    "hunyuan": ("HunyuanVideo 720p", VideoGeometry(frames=33, height=45, width=80, suffix=256), 24, 128),
+    "cogvideox": ("CogVideoX1.5 768p", VideoGeometry(frames=11, height=48, width=85, prefix=226), 48, 64),
+}
+
+
+def time_ms(fn) -> float:
+    """Median milliseconds of fn() by triton.testing.do_bench."""
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def sampled_error(out, q, k, v, head_rules, geom: VideoGeometry, rows: int = 32) -> float:
+    """Largest per-head relative error of out ([1,H,L,D]) vs float32 on sampled query rows."""
+    L = geom.seq_len
+    idx = torch.tensor(sorted(random.Random(L).sample(range(L), rows)), device=q.device)
+    keys = torch.arange(L, device=q.device)
+    rules = head_rules.cpu().tolist()
+    worst = 0.0
+    for h, rule in enumerate(rules):
+        got = out[0, h, idx].float()
+        if rule[R.ORDER] == R.SKIP_HEAD:
+            worst = max(worst, 0.0 if torch.equal(got, torch.zeros_like(got)) else float("inf"))
+            continue
+        m = rule_mask(rule, geom.prefix, geom.frames, geom.height, geom.width, idx, keys)
+        s = (q[0, h, idx].float() @ k[0, h].float().T) * q.shape[-1] ** -0.5
+        want = s.masked_fill(~m, float("-inf")).softmax(-1) @ v[0, h].float()
+        worst = max(worst, rel_err(got, want))
+    return worst
+
+
+def tile_masks(tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (head, q-tile, k-tile): visited-partial and full booleans [H, nq, nk] from the runs."""
+    dev = tables.runs.device
+    nq, nk = tables.num_q_tiles, tables.num_k_tiles
+    row_ptr, runs = tables.row_ptr.long(), tables.runs.long()
+    n_rows = row_ptr.numel() - 1
+    run_row = torch.repeat_interleave(torch.arange(n_rows, device=dev), row_ptr[1:] - row_ptr[:-1])
+    masks = []
+    for want_full in (0, 1):
+        sel = runs[:, 2] == want_full
+        cover = torch.zeros(n_rows, nk + 1, dtype=torch.int32, device=dev)
+        ones = torch.ones(int(sel.sum()), dtype=torch.int32, device=dev)
+        cover.index_put_((run_row[sel], runs[sel, 0]), ones, accumulate=True)
+        cover.index_put_((run_row[sel], runs[sel, 1]), -ones, accumulate=True)
+        masks.append(cover.cumsum(1)[:, :nk] > 0)
+    rows = tables.head_rules[:, R.ROW_BASE].long()[:, None] + torch.arange(nq, device=dev)[None, :]
+    active = (tables.head_rules[:, R.ORDER] != R.SKIP_HEAD)[:, None, None]
+    return masks[0][rows] & active, masks[1][rows] & active
+
+
+class FlexOnTables:
+    """FlexAttention on exactly our tiles: BlockMask.from_kv_blocks + a mask_mod of the same rule,
+    run on q/k/v in each head's physical order (the permutation is not timed)."""
+
+    def __init__(self, geom: VideoGeometry, heads: int, device):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        self.geom = geom
+        self.rules = torch.zeros(heads, R.RULE_INTS, dtype=torch.int32, device=device)
+        self.flex = torch.compile(flex_attention, dynamic=False)
+        self.mask_mod = self._make_mask_mod()
+
+    def _make_mask_mod(self):
+        g = self.geom
+        prefix, F, W, P, N = g.prefix, g.frames, g.width, g.tokens_per_frame, g.grid_tokens
+        rules = self.rules
+
+        def logical(p, order):
+            gp = p - prefix
+            on = (gp >= 0) & (gp < N)
+            gs = torch.where(on, gp, 0)
+            return torch.where(on & (order == 1), prefix + (gs % F) * P + gs // F, p)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            r = rules[h]
+            lq, lk = logical(q_idx, r[R.ORDER]), logical(kv_idx, r[R.ORDER])
+            gq, gk = lq - prefix, lk - prefix
+            fq, sq, fk, sk = gq // P, gq % P, gk // P, gk % P
+            df, ds = (fq - fk).abs(), (sq - sk).abs()
+            dy, dx = (sq // W - sk // W).abs(), (sq % W - sk % W).abs()
+            m = (gq < 0) | (gq >= N) | (gk < 0) | (gk >= N) | (lq == lk)
+            m = m | ((r[R.DIAG] >= 0) & ((gq - gk).abs() <= r[R.DIAG]))
+            m = m | ((r[R.MD_S] >= 0) & (ds <= r[R.MD_S]) & (df <= r[R.MD_T]))
+            m = m | ((r[R.WIN_F] >= 0) & (df <= r[R.WIN_F]) & (dy <= r[R.WIN_Y]) & (dx <= r[R.WIN_X]))
+            m = m | (gk < r[R.STRIPE_FIRST])
+            for c in range(R.MAX_COLS):
+                m = m | ((r[R.N_COLS] > c) & (gk >= r[R.COLS + 2 * c]) & (gk < r[R.COLS + 2 * c + 1]))
+            return m
+
+        return mask_mod
+
+    def prepare(self, plan, q, k, v):
+        """(fn running flex on this plan, output-to-logical-order function)."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        tables = plan.tables
+        self.rules.copy_(tables.head_rules)
+        partial, full = tile_masks(tables)
+
+        def indices(mask):
+            counts = mask.sum(-1, dtype=torch.int32)[None]
+            order = torch.sort(mask.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+            return counts.contiguous(), order.to(torch.int32)[None].contiguous()
+
+        kv_num, kv_idx = indices(partial)
+        full_num, full_idx = indices(full)
+        L = self.geom.seq_len
+        block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx,
+                                              BLOCK_SIZE=(tables.block_m, tables.block_n),
+                                              mask_mod=self.mask_mod, seq_lengths=(L, L),
+                                              compute_q_blocks=False)
+        perms = self._perms(tables, q.device)
+        qp, kp, vp = (torch.stack([t[0, h, perms[h]] for h in range(t.shape[1])])[None] for t in (q, k, v))
+        options = {"BLOCK_M": tables.block_m, "BLOCK_N": tables.block_n}
+
+        def run():
+            return self.flex(qp, kp, vp, block_mask=block_mask, kernel_options=options)
+
+        try:
+            run()
+        except Exception:  # this torch may name its tile options differently: use its defaults
+            options = None
+            run()
+
+        def to_logical(out):
+            res = torch.empty_like(out)
+            for h in range(out.shape[1]):
+                res[0, h, perms[h]] = out[0, h]
+            return res
+
+        return run, to_logical
+
+    def _perms(self, tables, device):
+        g = self.geom
+        phys = torch.arange(g.seq_len, device=device)
+        orders = tables.head_rules[:, R.ORDER].cpu().tolist()
+        return [R.physical_to_logical(phys, max(o, 0), g.prefix, g.frames, g.height, g.width) for o in orders]
+
+
+def mixed_layer(heads: int, geom: VideoGeometry) -> tuple:
+    """A plausible searched layer: dense, skip and every family at 0.1-0.3 density."""
+    menu = [Dense(), Skip()] + [pattern_for_density(f, d, geom) for f, d in
+                                (("diagonal", 0.2), ("multi_diagonal", 0.15), ("local_window", 0.2),
+                                 ("vertical_stripe", 0.1), ("diagonal", 0.1), ("multi_diagonal", 0.3))]
+    return tuple(menu[h % len(menu)] for h in range(heads))
+
+
+def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", dtype=torch.bfloat16) -> None:
+    """Time and check every variant at one (label, geometry, heads, head_dim); rows appended."""
+    label, geom, H, D = shape
+    L = geom.seq_len
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, H, L, D, device=dev, dtype=dtype) for _ in range(3))
+    pair_flops = 4 * D  # per attended (q, k) pair and head: QK^T and PV
+
+    def add(variant, ms, token_density, tile_density=None, flex_ms=None, err=None, note="", efficiency=None):
+        row = dict(shape=label, L=L, H=H, D=D, variant=variant, ms=ms, token_density=token_density,
+                   tile_density=tile_density, flex_ms=flex_ms, err=err, note=note, efficiency=efficiency,
+                   tflops=pair_flops * H * token_density * L * L / (ms * 1e-3) / 1e12 if ms else None)
+        rows.append(row)
+        log(json.dumps(row))
+        return row
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    dense_ref = None
+    for name, backend in (("cuDNN SDPA", SDPBackend.CUDNN_ATTENTION), ("flash SDPA", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                out = sdpa(q, k, v)
+                ms = time_ms(lambda: sdpa(q, k, v))
+            dense_ref = out if dense_ref is None else dense_ref
+            add(name, ms, 1.0, 1.0)
+        except Exception as e:  # a backend missing on this build is reported, not fatal
+            add(name, None, 1.0, note=f"failed: {type(e).__name__}: {e}"[:200])
+    try:
+        from sageattention import sageattn
+
+        out = sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+        add("SageAttention 1.0.6", time_ms(lambda: sageattn(q, k, v, tensor_layout="HND", is_causal=False)),
+            1.0, 1.0, err=rel_err(out, dense_ref) if dense_ref is not None else None)
+    except Exception as e:
+        add("SageAttention 1.0.6", None, 1.0, note=f"skipped: {type(e).__name__}: {e}"[:200])
+
+    flex = None
+    try:
+        flex = FlexOnTables(geom, H, dev)
+    except Exception as e:
+        log(f"flex unavailable: {e}")
+    for bm, bn in tiles:
+        tag = f" {bm}x{bn}"
+        dense_plan = compile_layer((Dense(),) * H, geom, bm, bn, dev)
+        out = dense_plan.run(q, k, v)
+        dense_ms = time_ms(lambda: dense_plan.run(q, k, v))
+        add("ours dense" + tag, dense_ms, 1.0, dense_plan.tile_density,
+            err=rel_err(out, dense_ref) if dense_ref is not None else None)
+        configs = [(f"{fam} {d:g}", (pattern_for_density(fam, d, geom),) * H)
+                   for fam in FAMILIES for d in densities]
+        configs.append(("mixed layer", mixed_layer(H, geom)))
+        for name, patterns in configs:
+            t0 = time.perf_counter()
+            plan = compile_layer(patterns, geom, bm, bn, dev)
+            compile_s = time.perf_counter() - t0
+            token_density = sum(plan.densities) / H
+            out = plan.run(q, k, v)
+            ms = time_ms(lambda: plan.run(q, k, v))
+            err = sampled_error(out, q, k, v, plan.head_rules, geom)
+            flex_ms, note = None, f"plan {compile_s * 1e3:.0f} ms; {patterns[0]}" if name != "mixed layer" else \
+                f"plan {compile_s * 1e3:.0f} ms"
+            if flex is not None:
+                try:
+                    run, to_logical = flex.prepare(plan, q, k, v)
+                    fout = to_logical(run())
+                    flex_ms = time_ms(run)
+                    live = [h for h in range(H) if not isinstance(patterns[h], Skip)]
+                    note += f"; flex vs ours {rel_err(fout[:, live], out[:, live]):.1e}"
+                except Exception as e:
+                    note += f"; flex failed: {type(e).__name__}: {str(e)[:120]}"
+                    log(traceback.format_exc())
+            add(name + tag, ms, token_density, plan.tile_density, flex_ms, err, note,
+                efficiency=token_density * dense_ms / ms)
+        clear_plans()
+    del q, k, v
+    torch.cuda.empty_cache()
+
+
+def markdown(rows: list) -> str:
+    dense = {}
+    for r in rows:
+        if r["variant"] == "cuDNN SDPA" and r["ms"]:
+            dense[r["shape"]] = r["ms"]
+    lines = ["| shape | variant | token dens | tile dens | ms | TFLOP/s (attended) | efficiency | "
+             "speed vs cuDNN | Flex ms | Flex/ours | err | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(x, fmt):
+        return "" if x is None else format(x, fmt)
+
+    for r in rows:
+        cudnn = dense.get(r["shape"])
+        vs = cudnn / r["ms"] if cudnn and r["ms"] else None
+        fx = r["flex_ms"] / r["ms"] if r.get("flex_ms") and r["ms"] else None
+        lines.append(f"| {r['shape']} | {r['variant']} | {f(r['token_density'], '.3f')} | "
+                     f"{f(r['tile_density'], '.3f')} | {f(r['ms'], '.2f')} | {f(r['tflops'], '.0f')} | "
+                     f"{f(r.get('efficiency'), '.2f')} | {f(vs, '.2f')} | {f(r.get('flex_ms'), '.2f')} | "
+                     f"{f(fx, '.2f')} | {f(r['err'], '.1e')} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--densities", default="0.05,0.15,0.3,0.5")
+    ap.add_argument("--tiles", default="", help="e.g. 128x64,128x128 (default: preferred_tiles)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/attention.py needs a CUDA GPU")
+    from ..kernels import preferred_tiles
+
+    densities = [float(x) for x in args.densities.split(",") if x]
+    os.makedirs(args.out, exist_ok=True)
+    log_file = open(os.path.join(args.out, "attention_log.txt"), "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    log(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {torch.cuda.get_device_name()} torch {torch.__version__} "
+        f"triton {triton.__version__}")
+    rows: list = []
+    for key in args.shapes.split(","):
+        D = SHAPES[key][3]
+        tiles = ([tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",")] if args.tiles
+                 else [preferred_tiles(D, "cuda")])
+        try:
+            bench_shape(SHAPES[key], densities, tiles, rows, log)
+        except Exception:
+            log(traceback.format_exc())
+        with open(os.path.join(args.out, "attention_rows.json"), "w") as fh:
+            json.dump(rows, fh, indent=1)
+    table = markdown(rows)
+    with open(os.path.join(args.out, "attention.md"), "w") as fh:
+        fh.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
