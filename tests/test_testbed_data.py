@@ -1,0 +1,98 @@
+"""The testbed's procedural videos, prompt vocabulary, conditioning and PNG strips."""
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_vdit.testbed import data
+from sparse_vdit.testbed.strips import LABEL_HEIGHT, video_strip
+
+
+def test_vocabulary_split_is_disjoint_and_covers_every_word():
+    assert len(data.ALL_PROMPTS) == 2 * 6 * 4 * 6 - 2 * 6  # no spinning circles
+    assert len(data.HELD_OUT) >= 8
+    assert not set(data.HELD_OUT) & set(data.TRAIN_PROMPTS)
+    assert set(data.HELD_OUT) | set(data.TRAIN_PROMPTS) == set(data.ALL_PROMPTS)
+    train_words = {w for p in data.TRAIN_PROMPTS for w in p.text.split()}
+    assert {w for p in data.HELD_OUT for w in p.text.split()} <= train_words
+
+
+@pytest.mark.parametrize("text, word", [("huge red circle moving left", "huge"), ("small pink circle moving left", "pink"),
+                                        ("small red star moving left", "star"), ("small red circle jumping", "jumping"),
+                                        ("small red circle spinning", "circle"), ("red circle", "size colour shape motion")])
+def test_bad_prompts_are_rejected_by_name(text, word):
+    with pytest.raises(ValueError, match=word):
+        data.Prompt.parse(text)
+
+
+def test_prompt_embeddings_are_word_vectors_then_zeros():
+    texts = ["small red circle moving left", "", "large cyan cross spinning"]
+    emb = data.prompt_embeddings(texts)
+    assert emb.shape == (3, data.TEXT_TOKENS, data.TEXT_DIM) and emb.dtype == torch.float32
+    assert torch.equal(emb[0, 1], data.word_embedding("red"))
+    assert torch.equal(emb[0, 4], data.word_embedding("left"))
+    assert torch.count_nonzero(emb[0, 5:]) == 0 and torch.count_nonzero(emb[1]) == 0
+    assert torch.count_nonzero(emb[2, 4:]) == 0 and torch.count_nonzero(emb[2, 3]) > 0
+    assert torch.equal(emb, data.prompt_embeddings(texts))
+    assert not torch.allclose(data.word_embedding("red"), data.word_embedding("blue"))
+    with pytest.raises(ValueError, match="pink"):
+        data.prompt_embeddings(["small pink circle moving left"])
+
+
+def test_videos_are_seeded_and_in_range():
+    prompts = [data.HELD_OUT[i] for i in (0, 3, 7)]
+    a = data.render_videos(prompts, torch.Generator().manual_seed(5))
+    b = data.render_videos(prompts, torch.Generator().manual_seed(5))
+    c = data.render_videos(prompts, torch.Generator().manual_seed(6))
+    assert a.shape == (3, 3, data.FRAMES, data.SIZE, data.SIZE)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert a.min() >= -1 and a.max() <= 1 and a.std() > 0.2
+    with pytest.raises(ValueError, match="at least one"):
+        data.render_videos([], torch.Generator())
+
+
+def _red_centroids(video: torch.Tensor) -> torch.Tensor:
+    """[F, 2] (x, y) centroid of the strongly red pixels of one video."""
+    rgb = (video + 1) / 2
+    red = (rgb[0] > 0.6) & (rgb[1] < 0.4) & (rgb[2] < 0.4)  # [F, H, W]
+    ys, xs = torch.meshgrid(torch.arange(data.SIZE), torch.arange(data.SIZE), indexing="ij")
+    count = red.sum((1, 2)).clamp_min(1)
+    return torch.stack([(red * xs).sum((1, 2)) / count, (red * ys).sum((1, 2)) / count], 1)
+
+
+@pytest.mark.parametrize("motion, axis, sign", [("moving left", 0, -1), ("moving right", 0, 1), ("moving up", 1, -1), ("moving down", 1, 1)])
+def test_shapes_move_as_prompted(motion, axis, sign):
+    prompts = [f"large red square {motion}"] * 6
+    videos = data.render_videos(prompts, torch.Generator().manual_seed(11))
+    for video in videos:
+        c = _red_centroids(video)
+        assert sign * (c[-2, axis] - c[1, axis]) > 5  # inner frames: the shape may touch the border
+
+
+def test_spinning_shapes_rotate_in_place():
+    videos = data.render_videos(["large red cross spinning"] * 4, torch.Generator().manual_seed(2))
+    for video in videos:
+        c = _red_centroids(video)
+        assert (c - c.mean(0)).norm(dim=1).max() < 4
+        red = ((video[0] + 1) / 2 > 0.6)
+        assert (red[0] != red[4]).sum() > 10  # the silhouette changes
+
+
+def test_training_batch_draws_training_prompts_only():
+    videos, prompts = data.training_batch(16, torch.Generator().manual_seed(0))
+    assert videos.shape[0] == 16 and all(p in data.TRAIN_PROMPTS for p in prompts)
+    with pytest.raises(ValueError, match="batch"):
+        data.training_batch(0, torch.Generator())
+
+
+def test_strip_lays_frames_left_to_right():
+    videos = torch.rand(2, 3, 5, 4, 6) * 2 - 1
+    image = np.asarray(video_strip(videos, ["a", "b"], scale=2))
+    assert image.shape == (2 * (8 + LABEL_HEIGHT), 5 * 6 * 2, 3)
+    expected = ((videos[1, :, 3, 2, 5] + 1) * 127.5).round().to(torch.uint8).numpy()
+    row = 8 + LABEL_HEIGHT + LABEL_HEIGHT + 2 * 2
+    assert (image[row, (3 * 6 + 5) * 2] == expected).all()
+    with pytest.raises(ValueError, match="labels"):
+        video_strip(videos, ["a"])
+    with pytest.raises(ValueError, match="B, 3, F, H, W"):
+        video_strip(videos[0])
