@@ -31,10 +31,18 @@ def missing_support() -> str | None:
 
 
 def node_classes() -> list:
-    """Every node class of the extension."""
+    """Every node class of the extension; the diffusers-path nodes only when diffusers imports."""
     from . import compare_node, search_node, strategy_nodes
 
-    return [*strategy_nodes.NODES, *search_node.NODES, *compare_node.NODES]
+    nodes = [*strategy_nodes.NODES, *search_node.NODES, *compare_node.NODES]
+    try:
+        from . import diffusers_nodes
+    except ImportError as err:
+        log.warning("Sparse-vDiT: the diffusers-path nodes (Load Model / Sampler / Decode) are off: %s; "
+                    "pip install diffusers to use them", err)
+    else:
+        nodes += diffusers_nodes.NODES
+    return nodes
 
 
 async def make_extension():

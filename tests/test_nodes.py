@@ -73,7 +73,9 @@ def comfy_runtime(run):
     stand-in of test_comfy_override_patch); progress and interrupts are recorded in ``run``.
     """
     mm = types.ModuleType("comfy.model_management")
-    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.get_torch_device = mm.unet_offload_device = mm.intermediate_device = lambda: torch.device("cpu")
+    mm.free_memory = lambda memory_required, device: None
+    mm.soft_empty_cache = lambda: None
     mm.processing_interrupted = lambda: run.interrupted
 
     def throw_if_interrupted():
@@ -133,7 +135,9 @@ def comfy(monkeypatch, tmp_path):
     comfy_modules = comfy_runtime(run)
     fp = types.ModuleType("folder_paths")
     fp.models_dir = str(tmp_path / "models")
-    fp.folder_names_and_paths = {}
+    fp.folder_names_and_paths = {
+        kind: ([str(tmp_path / "models" / kind)], exts)
+        for kind, exts in [("diffusion_models", {".safetensors"}), ("vae", {".safetensors"}), ("diffusers", {"folder"})]}
 
     def folder(name):
         return fp.folder_names_and_paths[name][0]
