@@ -31,12 +31,13 @@ def cache_dir() -> str:
 
 
 def default_tiles(head_dim: int, device: torch.device) -> tuple[int, int]:
-    """The kernels' preferred (block_m, block_n), or 64x64 when the kernels do not say."""
+    """The kernels' preferred (block_m, block_n); 64x64 where the Triton kernel does not run (no
+    Triton, or a head_dim it does not support: the reference backend takes any tiles)."""
     try:
-        from ..kernels import preferred_tiles  # type: ignore[attr-defined]
+        from ..kernels import preferred_tiles
 
         return tuple(preferred_tiles(head_dim, device))  # type: ignore[return-value]
-    except (ImportError, AttributeError):
+    except (ImportError, ValueError):
         return (64, 64)
 
 

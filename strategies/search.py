@@ -181,7 +181,8 @@ class SearchController:
     """
 
     def __init__(self, state: SearchState, settings: SearchSettings, *, cost_model_factory=None,
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int], None] | None = None, decide: bool = True):
+        self.decide = decide  # False: follow state.decision as given (measuring a fixed strategy)
         self.state = state
         self.settings = settings
         self.of_step, self.edges = bucket_plan(state.sigmas, settings.buckets)
@@ -226,6 +227,7 @@ class SearchController:
         if st.heads != heads:
             raise ValueError(f"search state has {st.heads} heads, the model {heads}")
         self._cost = torch.tensor(st.cost, dtype=torch.float64)
+        self._dense_idx = next(i for i, p in enumerate(self._candidates) if isinstance(p, Dense))
 
     def _rows_and_masks(self, geometry: VideoGeometry, device):
         key = (geometry, str(device))
@@ -266,9 +268,11 @@ class SearchController:
         forced = bucket < st.warmup_buckets or layer in st.dense_layers
         if forced:
             return dense(q, k, v)
+        if not self.decide and bool((st.decision[step, layer] == self._dense_idx).all()):
+            return dense(q, k, v)
         if not replay:
             errs = self._measure(q, k, v, layout, geometry, kv_len, phase, step, layer)
-            if first_call:
+            if first_call and self.decide:
                 w = self.weights[step]
                 score = self._cost.view(1, -1) + st.lam * w * errs
                 st.decision[step, layer] = score.argmin(-1).to(torch.int16)
@@ -449,6 +453,9 @@ def search(run: Callable[[Any], Any], *, sigmas: Sequence[float], layers: int, s
 
 
 def _finish_pass(state: SearchState, settings: SearchSettings, next_phase: str, state_path) -> None:
+    if state.num is None:
+        raise ValueError("the sampling run made no attention call through the search controller: is it "
+                         "installed at the model's self-attention sites (see any warning above)?")
     if state.phase == "dense":
         _, sel, _ = finalize(state, settings)
         state.lam = sel.lam
@@ -458,6 +465,37 @@ def _finish_pass(state: SearchState, settings: SearchSettings, next_phase: str, 
     state.done_steps = 0
     if state_path:
         state.save(state_path)
+
+
+def measure_strategy(run: Callable[[Any], Any], strategy, record: SearchRecord, *, sigmas: Sequence[float],
+                     layers: int, settings: SearchSettings, cost_model_factory=None) -> dict:
+    """Run ``strategy`` through ``run`` (closed loop) while measuring, at every call, the relative
+    error of the patterns it uses, exactly as the search measures candidates. Returns the weighted
+    total ``measured_error`` (comparable to :attr:`Selection.predicted_error` of the same strategy)
+    and the final latents; the strategy's patterns must be among ``record.candidates``."""
+    sigmas = [float(s) for s in sigmas]
+    index = {p: i for i, p in enumerate(record.candidates)}
+    dense_idx = next(i for i, p in enumerate(record.candidates) if isinstance(p, Dense))
+    state = SearchState(settings=_settings_doc(settings), sigmas=sigmas, layers=layers, heads=strategy.heads,
+                        candidates=[p.to_dict() for p in record.candidates],
+                        cost=[float(c) for c in record.cost], dense_layer=record.dense_layer, phase="closed")
+    state.allocate(strategy.heads, len(record.candidates))
+    for i, sigma in enumerate(sigmas):
+        for l in range(layers):
+            pats = strategy.patterns_for(sigma, l)
+            if pats is None:
+                state.decision[i, l] = dense_idx
+            else:
+                missing = [p for p in pats if p not in index]
+                if missing:
+                    raise ValueError(f"pattern {missing[0]} of the strategy is not among the record's candidates")
+                state.decision[i, l] = torch.tensor([index[p] for p in pats], dtype=torch.int16)
+    controller = SearchController(state, settings, cost_model_factory=cost_model_factory, decide=False)
+    latents = run(controller)
+    rel = state.num[1] / state.den[1].clamp_min(1e-30)[..., None, None]
+    chosen = torch.gather(rel, -1, state.decision.long().unsqueeze(-1)).squeeze(-1)  # [T, L, H]
+    weights = torch.tensor(step_weights(sigmas), dtype=torch.float64)
+    return {"measured_error": float((chosen.sum((1, 2)) * weights).sum()), "latents": latents}
 
 
 def _settings_doc(settings: SearchSettings) -> dict:

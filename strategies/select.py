@@ -146,6 +146,8 @@ def select(candidates, errors: torch.Tensor, cost: torch.Tensor, step_weights: t
         if not try_force(warm, slice(None)):
             break
         warm += 1
+    while warm < B - 1 and bool((choice[warm] == dense_idx).all()):  # already dense by choice
+        warm += 1
     dense_layers = set()
     per_layer = evaluate(choice)[2][warm:].sum((0, 2))
     for l in per_layer.argsort(descending=True).tolist():
