@@ -87,6 +87,8 @@ def sample_wan(
     low_noise_transformer: torch.nn.Module | None = None,
     boundary_ratio: float = 0.875,
     guidance_low: float | None = None,
+    condition: torch.Tensor | None = None,
+    image_embeds: torch.Tensor | None = None,
     controller: Any = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
@@ -94,7 +96,10 @@ def sample_wan(
     the timestep >= boundary_ratio * 1000, then `low_noise_transformer` with `guidance_low`).
 
     noise `[B, C, T, H, W]`; prompt/negative embeddings `[B, N, text_dim]`. guidance 1 = one
-    forward per step (distilled, few-step runs)."""
+    forward per step (distilled, few-step runs). I2V: `condition` `[B, C', T, H, W]` (mask and
+    image latents) is concatenated to the latents on channels every step; `image_embeds` (Wan2.1
+    I2V CLIP tokens) go to cross-attention. Wan2.2 TI2V's per-token timesteps are not used (T2V
+    with it is the same computation)."""
     if noise.ndim != 5:
         raise ValueError(f"Wan noise must be [B, C, T, H, W], got shape {tuple(noise.shape)}")
     if steps < 1:
@@ -116,13 +121,14 @@ def sample_wan(
             sigma = float(scheduler.sigmas[i])
             if handles:
                 handles[id(model)].begin_step(sigma, i)
-            x = latents.to(model.dtype)
+            x = latents if condition is None else torch.cat([latents, condition.to(latents)], dim=1)
+            x = x.to(model.dtype)
             timestep = t.expand(batch)
-            pred = model(hidden_states=x, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+            pred = model(hidden_states=x, timestep=timestep, encoder_hidden_states=prompt_embeds,
+                         encoder_hidden_states_image=image_embeds, return_dict=False)[0]
             if use_cfg and scale != 1.0:
-                uncond = model(
-                    hidden_states=x, timestep=timestep, encoder_hidden_states=negative_embeds, return_dict=False
-                )[0]
+                uncond = model(hidden_states=x, timestep=timestep, encoder_hidden_states=negative_embeds,
+                               encoder_hidden_states_image=image_embeds, return_dict=False)[0]
                 pred = uncond + scale * (pred - uncond)
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
             if callback is not None:

@@ -29,6 +29,15 @@ def tiny(cls, variant, seed):
     return cls.from_config(shipped_config(variant)).eval()
 
 
+class Recorder(DenseController):
+    def __init__(self):
+        self.calls = []
+
+    def attention(self, q, k, v, **kw):
+        self.calls.append(dict(shape=tuple(q.shape), **kw))
+        return kw["dense"](q, k, v)
+
+
 class StepRecorder(DenseController):
     def __init__(self):
         self.steps = []
@@ -84,6 +93,24 @@ def test_wan_cfg1_few_steps_is_deterministic_and_needs_no_negative():
     with torch.no_grad():
         runs = [sample_wan(model, initial_noise((1, 4, 3, 6, 10), 9), prompt, steps=2, guidance=1.0) for _ in range(2)]
     assert torch.equal(runs[0], runs[1]) and torch.isfinite(runs[0]).all()
+
+
+def test_wan_i2v_uses_condition_and_image_tokens_and_keeps_video_only_self_attention():
+    config = dict(shipped_config("wan-tiny"), in_channels=9, image_dim=8, added_kv_proj_dim=32)
+    torch.manual_seed(0)
+    model = WanTransformer3DModel.from_config(config).eval()
+    prompt, negative = wan_embeds()
+    g = torch.Generator().manual_seed(8)
+    condition, image = torch.randn(1, 5, 3, 6, 10, generator=g), torch.randn(1, 3, 8, generator=g)
+    recorder, shapes = Recorder(), []
+    run = lambda cond, **kw: sample_wan(model, initial_noise((1, 4, 3, 6, 10), 1), prompt, negative_embeds=negative,
+                                        steps=2, guidance=4.0, condition=cond, image_embeds=image, **kw)
+    with torch.no_grad():
+        first = run(condition, controller=recorder)
+        again = run(condition)
+        other = run(condition + 1)
+    assert torch.equal(first, again) and not torch.allclose(first, other)
+    assert {c["shape"] for c in recorder.calls} == {(1, 45, 2, 16)} and len(recorder.calls) == 2 * 2 * 2
 
 
 def test_wan_bad_inputs_raise():
