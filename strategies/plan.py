@@ -1,0 +1,415 @@
+"""The plan compiler: one layer's per-head patterns at one geometry -> KernelTables (DESIGN.md 4, 6).
+
+Tiles are classified without an L x L mask. A q-tile (block_m consecutive physical rows) is cut
+into segments: in frame-major order at frames (and rows when a window is on), in space-major
+order at spatial positions. For each segment every component of the head rule gives the key
+intervals, in physical order, that some query attends ("any") and that all its queries attend
+("all"). A k-tile is visited when some segment's any-interval touches it (exact); it is full when
+it lies inside the merged all-intervals of every grid segment of the q-tile (conservative: a full
+tile marked partial is still exact, only slower). Key-only parts (non-grid keys, stripes) are
+per-key booleans counted per k-tile. Tile ranges are combined by sorted sweeps over their end
+points, so the cost grows with the number of intervals, never with L x L or tiles x tiles.
+
+Each distinct rule is classified once per (geometry, tiles, device) and its range-encoded runs are
+appended to one append-only pool shared by every head, layer and bucket; head rules carry
+ROW_BASE into it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..kernels import rule as R
+from ..kernels import sparse_attention
+from ..kernels.tables import KernelTables
+from .geometry import VideoGeometry
+from .patterns import Pattern
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+class _Intervals:
+    """Collects half-open key intervals [start, end) per segment (physical positions)."""
+
+    def __init__(self):
+        self.seg, self.start, self.end = [], [], []
+
+    def add(self, seg, start, end):
+        seg, start, end = np.broadcast_arrays(seg, start, end)
+        keep = end > start
+        self.seg.append(seg[keep].ravel())
+        self.start.append(start[keep].ravel())
+        self.end.append(end[keep].ravel())
+
+    def arrays(self):
+        if not self.seg:
+            return (np.zeros(0, np.int64),) * 3
+        return tuple(np.concatenate(a).astype(np.int64) for a in (self.seg, self.start, self.end))
+
+
+def _segments(geom: VideoGeometry, block_m: int, inner: int):
+    """Grid segments [a0, a1) of physical grid positions, cut at q-tiles and at multiples of
+    `inner`; returns a0, a1 and each segment's q-tile."""
+    N = geom.grid_tokens
+    nq = _cdiv(geom.seq_len, block_m)
+    cuts = np.union1d(np.arange(0, N + 1, inner),
+                      np.clip(np.arange(nq + 1, dtype=np.int64) * block_m - geom.prefix, 0, N))
+    a0, a1 = cuts[:-1], cuts[1:]
+    return a0, a1, (a0 + geom.prefix) // block_m
+
+
+def _strided(iv: _Intervals, for_all: bool, block_n: int, seg, first, j_lo, j_hi, lo, hi, stride):
+    """Add the intervals `first + j*stride + [lo, hi)`, j = j_lo..j_hi, of each segment (broadcast).
+
+    Any-intervals whose gaps (stride - (hi - lo)) are narrower than a k-tile touch one contiguous
+    range of k-tiles, so one spanning interval stands for them (tile-exact). All-intervals covering
+    whole strides join into one; pieces narrower than a k-tile cannot hold one and are left out
+    (conservative: such tiles stay partial).
+    """
+    seg, first, j_lo, j_hi, lo, hi = (a.ravel() for a in np.broadcast_arrays(seg, first, j_lo, j_hi, lo, hi))
+    ok = (j_hi >= j_lo) & (hi > lo)
+    one = ok & ((hi - lo >= stride) if for_all else (stride - (hi - lo) < block_n))
+    iv.add(seg[one], first[one] + j_lo[one] * stride + lo[one], first[one] + j_hi[one] * stride + hi[one])
+    many = ok & ~one & ((hi - lo >= block_n) if for_all else True)
+    if many.any():
+        j = j_lo[many, None] + np.arange(int((j_hi - j_lo)[many].max()) + 1)[None, :]
+        base = first[many, None] + j * stride
+        valid = j <= j_hi[many, None]
+        iv.add(seg[many, None], np.where(valid, base + lo[many, None], 0),
+               np.where(valid, base + hi[many, None], 0))
+
+
+def _frame_major_intervals(rule, geom, a0, a1, any_iv: _Intervals, all_iv: _Intervals, block_n: int):
+    """Any/all grid intervals of the diagonal, multi-diagonal and window parts, frame-major order.
+    Segments lie in one frame (and in one row when a window is on)."""
+    F, H, W, P, N = geom.frames, geom.height, geom.width, geom.tokens_per_frame, geom.grid_tokens
+    seg = np.arange(a0.size)
+    g0, g1 = a0, a1 - 1
+    f, s0, s1 = a0 // P, a0 % P, g1 % P
+    if rule[R.DIAG] >= 0:
+        D = rule[R.DIAG]
+        any_iv.add(seg, np.maximum(0, g0 - D), np.minimum(N, g1 + D + 1))
+        all_iv.add(seg, np.maximum(0, g1 - D), np.minimum(N, g0 + D + 1))
+    if rule[R.MD_S] >= 0:
+        S, T = rule[R.MD_S], rule[R.MD_T]
+        frames = (np.maximum(0, f - T), np.minimum(F - 1, f + T))
+        for iv, for_all, lo, hi in ((any_iv, False, s0 - S, s1 + S + 1), (all_iv, True, s1 - S, s0 + S + 1)):
+            _strided(iv, for_all, block_n, seg, 0, *frames, np.maximum(0, lo), np.minimum(P, hi), P)
+    if rule[R.WIN_F] >= 0:
+        WF, WY, WX = min(rule[R.WIN_F], F - 1), rule[R.WIN_Y], rule[R.WIN_X]
+        y, x0, x1 = s0 // W, s0 % W, s1 % W
+        kf = f[:, None] + np.arange(-WF, WF + 1)[None, :]
+        y_lo = np.where((kf >= 0) & (kf < F), np.maximum(0, y - WY)[:, None], H)  # empty when off-grid
+        y_hi = np.minimum(H - 1, y + WY)[:, None]
+        for iv, for_all, lo, hi in ((any_iv, False, x0 - WX, x1 + WX + 1), (all_iv, True, x1 - WX, x0 + WX + 1)):
+            _strided(iv, for_all, block_n, seg[:, None], kf * P, y_lo, y_hi,
+                     np.maximum(0, lo)[:, None], np.minimum(W, hi)[:, None], W)
+
+
+def _space_major_intervals(rule, geom, a0, a1, any_iv: _Intervals, all_iv: _Intervals, block_n: int):
+    """Any/all grid intervals of the multi-diagonal part in space-major order (p = s*F + f);
+    segments lie in one spatial position s."""
+    F, P = geom.frames, geom.tokens_per_frame
+    seg = np.arange(a0.size)
+    s, f0, f1 = a0 // F, a0 % F, (a1 - 1) % F
+    S, T = rule[R.MD_S], rule[R.MD_T]
+    keys = (np.maximum(0, s - S), np.minimum(P - 1, s + S))
+    for iv, for_all, lo, hi in ((any_iv, False, f0 - T, f1 + T + 1), (all_iv, True, f1 - T, f0 + T + 1)):
+        _strided(iv, for_all, block_n, seg, 0, *keys, np.maximum(0, lo), np.minimum(F, hi), F)
+
+
+def _merge_per_group(group, start, end):
+    """Merge each group's intervals into disjoint ones, sorted (returns group, start, end)."""
+    if group.size == 0:
+        return group, start, end
+    span = int(end.max()) + 1
+    idx = np.argsort(group * span + start, kind="stable")  # inputs are runs of sorted intervals
+    group, start, end = group[idx], start[idx], end[idx]
+    reach = np.maximum.accumulate(group * span + end) - group * span  # running end within a group
+    new = np.ones(group.size, dtype=bool)
+    new[1:] = (group[1:] != group[:-1]) | (start[1:] > reach[:-1])
+    first = np.nonzero(new)[0]
+    last = np.append(first[1:], group.size) - 1
+    return group[first], start[first], reach[last]
+
+
+def _sweep(qt, lo, hi, channel, n_channels, nk):
+    """Cover counts of tile ranges [lo, hi) per q-tile: pieces (qt, start, end, counts [n, channels])
+    of constant counts, sorted, non-empty, covering every position between a q-tile's events."""
+    weights = np.zeros((qt.size * 2, n_channels), np.int64)
+    weights[np.arange(qt.size), channel] = 1
+    weights[qt.size + np.arange(qt.size), channel] = -1
+    q, pos = np.concatenate([qt, qt]), np.concatenate([lo, hi])
+    idx = np.argsort(q * (nk + 1) + pos, kind="stable")
+    q, pos, counts = q[idx], pos[idx], np.cumsum(weights[idx], axis=0)
+    i = np.nonzero((q[1:] == q[:-1]) & (pos[1:] > pos[:-1]))[0]
+    return q[i], pos[i], pos[i + 1], counts[i]
+
+
+def _ranges(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[start, end) of the runs of True in a 1-D bool array."""
+    edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+    return np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+
+
+def _key_only(rule, order, geom: VideoGeometry, block_n: int):
+    """k-tile ranges holding a key every query attends (non-grid, stripe), and made only of such keys."""
+    L, N, F, P = geom.seq_len, geom.grid_tokens, geom.frames, geom.tokens_per_frame
+    grid = np.zeros(N, dtype=bool)
+    if rule[R.STRIPE_FIRST] > 0:
+        grid[: rule[R.STRIPE_FIRST]] = True
+    for c in range(min(max(rule[R.N_COLS], 0), R.MAX_COLS)):
+        grid[rule[R.COLS + 2 * c]: rule[R.COLS + 2 * c + 1]] = True
+    if order == R.SPACE_MAJOR:
+        grid = grid.reshape(F, P).T.ravel()
+    nk = _cdiv(L, block_n)
+    keys = np.ones(nk * block_n, dtype=bool)  # keys past L count as attended for "all"
+    keys[geom.prefix: geom.prefix + N] = grid
+    attended = keys.reshape(nk, block_n)
+    real = np.arange(nk * block_n).reshape(nk, block_n) < L
+    return _ranges((attended & real).any(axis=1)), _ranges(attended.all(axis=1))
+
+
+def _every_tile(nq: int, lo: np.ndarray, hi: np.ndarray):
+    """The k-tile ranges [lo, hi) repeated for each of nq q-tiles: (q-tile, lo, hi)."""
+    return np.repeat(np.arange(nq), lo.size), np.tile(lo, nq), np.tile(hi, nq)
+
+
+def tile_runs(rule, order: int, geom: VideoGeometry, block_m: int, block_n: int):
+    """Range-encoded k-tiles of one head rule in physical `order`: (row_ptr [q-tiles + 1] int64,
+    runs [R, 3] int32 = (k_tile_start, k_tile_end, full)), runs sorted within each q-tile."""
+    if order == R.SPACE_MAJOR and (rule[R.DIAG] >= 0 or rule[R.WIN_F] >= 0):
+        raise ValueError("space-major order supports multi-diagonal and stripe rules only, "
+                         f"not a diagonal or window (rule {rule})")
+    L, N, pre = geom.seq_len, geom.grid_tokens, geom.prefix
+    nq, nk = _cdiv(L, block_m), _cdiv(L, block_n)
+    if order == R.SPACE_MAJOR:
+        inner = geom.frames
+    else:  # windows need one row per segment; bands only one frame
+        inner = geom.width if rule[R.WIN_F] >= 0 else geom.tokens_per_frame
+    a0, a1, seg_qt = _segments(geom, block_m, inner)
+    any_iv, all_iv = _Intervals(), _Intervals()
+    seg = np.arange(a0.size)
+    any_iv.add(seg, a0, a1)  # every query attends itself
+    all_iv.add(seg, a0, np.where(a1 - a0 == 1, a1, a0))
+    extra = [(-pre, 0), (N, L - pre)]  # non-grid keys, in grid coordinates
+    if order == R.FRAME_MAJOR:  # stripes are intervals in frame-major order
+        extra.append((0, rule[R.STRIPE_FIRST]))
+        extra += [(rule[R.COLS + 2 * c], rule[R.COLS + 2 * c + 1]) for c in range(max(rule[R.N_COLS], 0))]
+    for start, end in extra:
+        all_iv.add(seg, start, end)
+    if order == R.FRAME_MAJOR:
+        _frame_major_intervals(rule, geom, a0, a1, any_iv, all_iv, block_n)
+    elif rule[R.MD_S] >= 0:
+        _space_major_intervals(rule, geom, a0, a1, any_iv, all_iv, block_n)
+    (key_any_lo, key_any_hi), (key_full_lo, key_full_hi) = _key_only(rule, order, geom, block_n)
+    tiles = np.arange(nq)
+
+    # full: inside the merged all-intervals of every grid segment of the q-tile
+    s, lo, hi = _merge_per_group(*all_iv.arrays())
+    lo, hi = _cdiv(lo + pre, block_n), np.where(hi + pre >= L, nk, (hi + pre) // block_n)
+    keep = hi > lo
+    q, start, end, count = _sweep(seg_qt[s[keep]], lo[keep], hi[keep], 0, 1, nk)
+    segs_per_tile = np.bincount(seg_qt, minlength=nq)
+    full = count[:, 0] == segs_per_tile[q]
+    full_parts = [(q[full], start[full], end[full]), _every_tile(nq, key_full_lo, key_full_hi)]
+    no_grid = np.nonzero(segs_per_tile == 0)[0]
+    full_parts.append((no_grid, np.zeros_like(no_grid), np.full_like(no_grid, nk)))
+
+    # visited: touched by some any-interval, a key-only tile, or a q-tile with non-grid rows
+    s, lo, hi = any_iv.arrays()
+    any_parts = [(seg_qt[s], (lo + pre) // block_n, (hi + pre - 1) // block_n + 1),
+                 _every_tile(nq, key_any_lo, key_any_hi)]
+    t_lo, t_hi = tiles * block_m, np.minimum((tiles + 1) * block_m, L)
+    mixed = np.nonzero((t_lo < pre) | (t_hi > pre + N))[0]
+    any_parts.append((mixed, np.zeros_like(mixed), np.full_like(mixed, nk)))
+
+    parts = [(a, b, c, np.full(a.size, ch)) for ch, group in enumerate((any_parts, full_parts))
+             for a, b, c in group]
+    q, start, end, count = _sweep(*(np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(4)),
+                                  2, nk)
+    code = (count[:, 0] > 0) * (1 + (count[:, 1] > 0))
+    keep = code > 0
+    q, start, end, code = q[keep], start[keep], end[keep], code[keep]
+    new = np.ones(q.size, dtype=bool)  # join touching pieces of equal kind into one run
+    new[1:] = (q[1:] != q[:-1]) | (code[1:] != code[:-1]) | (start[1:] != end[:-1])
+    first = np.nonzero(new)[0]
+    last = np.append(first[1:], q.size) - 1
+    runs = np.stack([start[first], end[last], code[first] - 1], axis=1).astype(np.int32)
+    row_ptr = np.zeros(nq + 1, np.int64)
+    np.cumsum(np.bincount(q[first], minlength=nq), out=row_ptr[1:])
+    return row_ptr, runs
+
+
+def _fewer_tiles_order(rule, geom: VideoGeometry, block_m: int, block_n: int):
+    """Space-major when the rule is a spatial band (no diagonal, window or stripe keys, which would
+    scatter in space-major order) that visits fewer tiles that way; else frame-major.
+    Returns (order, row_ptr, runs)."""
+    fm = tile_runs(rule, R.FRAME_MAJOR, geom, block_m, block_n)
+    if rule[R.MD_S] < 0 or rule[R.DIAG] >= 0 or rule[R.WIN_F] >= 0 or rule[R.STRIPE_FIRST] > 0 \
+            or rule[R.N_COLS] > 0:
+        return (R.FRAME_MAJOR,) + fm
+    sm = tile_runs(rule, R.SPACE_MAJOR, geom, block_m, block_n)
+    return (R.SPACE_MAJOR,) + sm if visited_tiles(sm[1]) < visited_tiles(fm[1]) else (R.FRAME_MAJOR,) + fm
+
+
+def visited_tiles(runs: np.ndarray) -> int:
+    """Number of (q-tile, k-tile) pairs the runs visit."""
+    return int((runs[:, 1].astype(np.int64) - runs[:, 0]).sum())
+
+
+class TablePool:
+    """Append-only row_ptr / runs shared by every plan of one (device, geometry, tiles).
+
+    Each distinct rule (ORDER and ROW_BASE aside) is classified once; its q-tile row pointers start
+    at its ROW_BASE. Device tensors are rebuilt lazily when entries were added since the last use.
+    """
+
+    def __init__(self, geom: VideoGeometry, block_m: int, block_n: int, device: torch.device):
+        self.geom, self.block_m, self.block_n, self.device = geom, block_m, block_n, device
+        self.entries: dict[tuple[int, ...], tuple[int, int, int]] = {}  # rule key -> (order, base, tiles)
+        self._row_ptr = [np.zeros(1, np.int64)]
+        self._runs: list[np.ndarray] = []
+        self._count_ptr, self._count_runs = 1, 0
+        self._tensors = None
+
+    def add(self, rule: list[int]) -> tuple[int, int, int]:
+        """(order, row_base, visited tile count) of a non-skip rule; classified on first sight."""
+        key = tuple(rule[R.DIAG:])
+        if key not in self.entries:
+            order, row_ptr, runs = _fewer_tiles_order(rule, self.geom, self.block_m, self.block_n)
+            base = self._count_ptr - 1
+            self._row_ptr.append(row_ptr[1:] + self._count_runs)
+            self._runs.append(runs)
+            self._count_ptr += row_ptr.size - 1
+            self._count_runs += runs.shape[0]
+            self._tensors = None
+            self.entries[key] = (order, base, visited_tiles(runs))
+        return self.entries[key]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row_ptr int32, runs int32 [R, 3]) on the pool's device."""
+        if self._tensors is None:
+            if self._count_runs >= 2 ** 31:
+                raise ValueError("the plan table pool exceeds int32 indexing")
+            row_ptr = torch.from_numpy(np.concatenate(self._row_ptr).astype(np.int32))
+            runs = torch.from_numpy(np.concatenate(self._runs) if self._runs else np.zeros((0, 3), np.int32))
+            self._tensors = (row_ptr.to(self.device), runs.to(self.device))
+        return self._tensors
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pool's device tensors."""
+        return 4 * (self._count_ptr + 3 * self._count_runs)
+
+
+_POOLS: dict[tuple, TablePool] = {}
+
+
+def table_pool(geom: VideoGeometry, block_m: int, block_n: int, device) -> TablePool:
+    """The shared pool for (device, geometry, tiles)."""
+    device = _normal_device(device)
+    key = (device, geom, block_m, block_n)
+    if key not in _POOLS:
+        _POOLS[key] = TablePool(geom, block_m, block_n, device)
+    return _POOLS[key]
+
+
+def pool_bytes(device=None) -> int:
+    """Bytes held by all table pools (of one device, or of all)."""
+    device = None if device is None else _normal_device(device)
+    return sum(p.nbytes for k, p in _POOLS.items() if device is None or k[0] == device)
+
+
+def clear_plans() -> None:
+    """Forget every compiled plan and table pool (memory is freed once no plan is referenced)."""
+    _compile.cache_clear()
+    _POOLS.clear()
+
+
+def _normal_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@dataclass(eq=False)
+class LayerPlan:
+    """The compiled tables of one layer at one geometry; `run` launches the kernel on them."""
+
+    geometry: VideoGeometry
+    patterns: tuple[Pattern, ...]
+    head_rules: torch.Tensor       # int32 [H, 16] on the device, ORDER and ROW_BASE filled in
+    tile_density: float            # visited tiles / all tiles, over non-skip heads (0 if none)
+    pool: TablePool
+
+    @functools.cached_property
+    def densities(self) -> tuple[float, ...]:
+        """Token density of each head (computed on first use)."""
+        return tuple(p.density(self.geometry) for p in self.patterns)
+
+    @property
+    def heads(self) -> int:
+        return len(self.patterns)
+
+    @property
+    def tables(self) -> KernelTables:
+        """KernelTables over the pool's current tensors."""
+        row_ptr, runs = self.pool.tensors()
+        g = self.geometry
+        return KernelTables(self.head_rules, row_ptr, runs, g.prefix, g.frames, g.height, g.width,
+                            g.seq_len, self.pool.block_m, self.pool.block_n)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "bhld",
+            kv_len: torch.Tensor | None = None, backend: str = "triton", scale: float | None = None):
+        """Sparse attention of this layer (kernels.sparse_attention); same layout/dtype as q."""
+        return sparse_attention(q, k, v, self.tables, layout=layout, kv_len=kv_len, scale=scale,
+                                backend=backend)
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile(patterns: tuple[Pattern, ...], geom: VideoGeometry, block_m: int, block_n: int,
+             device: torch.device) -> LayerPlan:
+    pool = table_pool(geom, block_m, block_n, device)
+    rules, visited, active = [], 0, 0
+    by_pattern: dict[Pattern, list[int]] = {}
+    for p in patterns:
+        if p not in by_pattern:
+            rule = p.head_rule(geom)
+            if rule[R.ORDER] != R.SKIP_HEAD:
+                rule[R.ORDER], rule[R.ROW_BASE], tiles = pool.add(rule)
+                rule.append(tiles)
+            by_pattern[p] = rule
+        rule = by_pattern[p]
+        rules.append(rule[:R.RULE_INTS])
+        if rule[R.ORDER] != R.SKIP_HEAD:
+            visited += rule[R.RULE_INTS]
+            active += 1
+    nq, nk = _cdiv(geom.seq_len, block_m), _cdiv(geom.seq_len, block_n)
+    head_rules = torch.tensor(rules, dtype=torch.int32).to(device)
+    return LayerPlan(geom, patterns, head_rules, visited / (active * nq * nk) if active else 0.0, pool)
+
+
+def compile_layer(patterns, geom: VideoGeometry, block_m: int, block_n: int, device="cpu") -> LayerPlan:
+    """Compile one layer's per-head patterns at `geom` into a cached LayerPlan on `device`."""
+    patterns = tuple(patterns)
+    if not patterns:
+        raise ValueError("compile_layer needs at least one head pattern")
+    for i, p in enumerate(patterns):
+        if not isinstance(p, Pattern):
+            raise ValueError(f"head {i}: expected a Pattern, got {p!r}")
+    if not isinstance(geom, VideoGeometry):
+        raise ValueError(f"geom must be a VideoGeometry, got {geom!r}")
+    for name, b in (("block_m", block_m), ("block_n", block_n)):
+        if not isinstance(b, int) or b < 16 or b & (b - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
+    return _compile(patterns, geom, block_m, block_n, _normal_device(device))
+
+
