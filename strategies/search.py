@@ -40,6 +40,7 @@ from .patterns import FAMILIES, Dense, Skip, pattern_for_density
 from .select import Selection, select, to_strategy
 
 PHASES = ("dense", "closed")
+GROUP_ELEMENTS = 1 << 25  # score elements of candidates evaluated in one batch (128 MiB in fp32)
 
 
 class SearchCancelled(Exception):
@@ -322,9 +323,16 @@ def candidate_errors(q, k, v, rows, masks, *, layout: str, kv_len=None, skip=Non
     den = ref.pow(2).sum()
     C = masks.shape[0]
     num = torch.zeros(H, C, dtype=torch.float64, device=s.device)
+    skip = skip or [False] * C
+    computed = [c for c in range(C) if not skip[c]]
     for c in range(C):
-        out = torch.zeros_like(ref) if skip is not None and skip[c] else attend(s.masked_fill(~masks[c], float("-inf")))
-        num[:, c] = (out - ref).pow(2).sum((0, 2, 3)).double()
+        if skip[c]:
+            num[:, c] = ref.pow(2).sum((0, 2, 3)).double()
+    group = max(1, GROUP_ELEMENTS // s.numel())  # candidates evaluated together, bounded memory
+    for start in range(0, len(computed), group):
+        cs = computed[start:start + group]
+        scores = s.unsqueeze(0).masked_fill(~masks[cs][:, None, None], float("-inf"))  # [G, B, H, R, L]
+        num[:, cs] = (attend(scores) - ref).pow(2).sum((1, 3, 4)).T.double()
     return num, den.double()
 
 
