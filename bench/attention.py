@@ -6,7 +6,7 @@ FlexAttention on the identical block mask (its BlockMask is built from our table
 evaluates the same rule). Each sparse output is checked against float32 on sampled query rows.
 
     python3 -m sparse_vdit.bench.attention [--shapes wan13b,wan14b,hunyuan,cogvideox]
-        [--densities 0.05,0.15,0.3,0.5] [--tiles 128x64] [--out DIR]
+        [--densities 0.05,0.15,0.3,0.5] [--tiles 128x64] [--flex-shapes ...] [--out DIR]
 
 Prints a markdown table last and writes it (and the rows as JSON) to --out (default $OUT or .).
 """
@@ -182,7 +182,8 @@ def mixed_layer(heads: int, geom: VideoGeometry) -> tuple:
     return tuple(menu[h % len(menu)] for h in range(heads))
 
 
-def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", dtype=torch.bfloat16) -> None:
+def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", dtype=torch.bfloat16,
+                use_flex: bool = True) -> None:
     """Time and check every variant at one (label, geometry, heads, head_dim); rows appended."""
     label, geom, H, D = shape
     L = geom.seq_len
@@ -223,7 +224,7 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
 
     flex = None
     try:
-        flex = FlexOnTables(geom, H, dev)
+        flex = FlexOnTables(geom, H, dev) if use_flex else None
     except Exception as e:
         log(f"flex unavailable: {e}")
     for bm, bn in tiles:
@@ -292,6 +293,8 @@ def main(argv=None) -> None:
     ap.add_argument("--densities", default="0.05,0.15,0.3,0.5")
     ap.add_argument("--tiles", default="", help="e.g. 128x64,128x128 (default: preferred_tiles)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--flex-shapes", default=None,
+                    help="shapes that get the FlexAttention column (default: all; '' for none)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU")
@@ -314,7 +317,8 @@ def main(argv=None) -> None:
         tiles = ([tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",")] if args.tiles
                  else [preferred_tiles(D, "cuda")])
         try:
-            bench_shape(SHAPES[key], densities, tiles, rows, log)
+            use_flex = args.flex_shapes is None or key in args.flex_shapes.split(",")
+            bench_shape(SHAPES[key], densities, tiles, rows, log, use_flex=use_flex)
         except Exception:
             log(traceback.format_exc())
         with open(os.path.join(args.out, "attention_rows.json"), "w") as fh:

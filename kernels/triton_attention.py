@@ -21,7 +21,7 @@ from .tables import KernelTables
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.0 / math.log(2.0)
-_NEG_BIG = -1.0e30  # running max start: finite, so fully masked tiles never make NaN
+_NEG_BIG = tl.constexpr(-1.0e30)  # running max start: finite, so fully masked tiles never make NaN
 
 
 def _fix_interpreter_scalar_index() -> None:
@@ -60,7 +60,7 @@ def preferred_tiles(head_dim: int, device=None) -> tuple[int, int]:
 def _autotune_configs() -> list:
     if _INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 2), (8, 3), (4, 3))]
 
 
 @triton.jit
@@ -85,26 +85,57 @@ def _grid_coords(idx, prefix, P, W, N):
 
 
 @triton.jit
-def _rule_tile(lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N,
-               diag, md_s, md_t, win_f, win_y, win_x, stripe, n_cols,
-               c0s, c0e, c1s, c1e, c2s, c2e):
-    """The exact rule of kernels/rule.py on one [BLOCK_M, BLOCK_N] tile."""
+def _rule_tile(rule, lq, lk, prefix, P, W, N):
+    """The exact rule of kernels/rule.py (row at `rule`) on one [BLOCK_M, BLOCK_N] tile."""
+    gq, q_grid, fq, sq, yq, xq = _grid_coords(lq, prefix, P, W, N)
     gk, k_grid, fk, sk, yk, xk = _grid_coords(lk, prefix, P, W, N)
-    key_cols = (gk < stripe) | ((n_cols > 0) & (gk >= c0s) & (gk < c0e))
-    key_cols = key_cols | ((n_cols > 1) & (gk >= c1s) & (gk < c1e))
-    key_cols = key_cols | ((n_cols > 2) & (gk >= c2s) & (gk < c2e))
-    key_always = key_cols | (k_grid == 0)
+    n_cols = tl.load(rule + 9)
+    key_always = (gk < tl.load(rule + 8)) | (k_grid == 0)
+    key_always = key_always | ((n_cols > 0) & (gk >= tl.load(rule + 10)) & (gk < tl.load(rule + 11)))
+    key_always = key_always | ((n_cols > 1) & (gk >= tl.load(rule + 12)) & (gk < tl.load(rule + 13)))
+    key_always = key_always | ((n_cols > 2) & (gk >= tl.load(rule + 14)) & (gk < tl.load(rule + 15)))
     allowed = (q_grid == 0)[:, None] | key_always[None, :] | (lq[:, None] == lk[None, :])
+    diag = tl.load(rule + 2)
     if diag >= 0:
         allowed = allowed | (tl.abs(gq[:, None] - gk[None, :]) <= diag)
+    md_s = tl.load(rule + 3)
     if md_s >= 0:
         allowed = allowed | ((tl.abs(sq[:, None] - sk[None, :]) <= md_s)
-                             & (tl.abs(fq[:, None] - fk[None, :]) <= md_t))
+                             & (tl.abs(fq[:, None] - fk[None, :]) <= tl.load(rule + 4)))
+    win_f = tl.load(rule + 5)
     if win_f >= 0:
         allowed = allowed | ((tl.abs(fq[:, None] - fk[None, :]) <= win_f)
-                             & (tl.abs(yq[:, None] - yk[None, :]) <= win_y)
-                             & (tl.abs(xq[:, None] - xk[None, :]) <= win_x))
+                             & (tl.abs(yq[:, None] - yk[None, :]) <= tl.load(rule + 6))
+                             & (tl.abs(xq[:, None] - xk[None, :]) <= tl.load(rule + 7)))
     return allowed
+
+
+@triton.jit
+def _attend_tiles(acc, m_i, l_i, q, lq, kt_lo, kt_hi, k_base, v_base, stride_kl, stride_vl, rule,
+                  order, prefix, P, W, F, N, L, kv_end, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Online-softmax update over k-tiles [kt_lo, kt_hi); MASKED evaluates the rule and kv_len."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for kt in range(kt_lo, kt_hi):
+        offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+        lk = _to_logical(offs_n, order, prefix, F, P, N)
+        k_valid = offs_n < L
+        k = tl.load(k_base + lk.to(tl.int64)[:, None] * stride_kl + offs_d[None, :],
+                    mask=k_valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if MASKED:
+            allowed = _rule_tile(rule, lq, lk, prefix, P, W, N) & (lk < kv_end)[None, :]
+            s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + lk.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
+                    mask=k_valid[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 # work_bucket (bit length of the program count) is only an autotune key: the best warps/stages
@@ -128,24 +159,15 @@ def _sparse_attention_fwd(
     rule = RULES + h * 16
     order = tl.load(rule + 0)
     row_base = tl.load(rule + 1)
-    diag = tl.load(rule + 2)
-    md_s = tl.load(rule + 3)
-    md_t = tl.load(rule + 4)
-    win_f = tl.load(rule + 5)
-    win_y = tl.load(rule + 6)
-    win_x = tl.load(rule + 7)
-    stripe = tl.load(rule + 8)
-    n_cols = tl.load(rule + 9)
-    c0s = tl.load(rule + 10)
-    c0e = tl.load(rule + 11)
-    c1s = tl.load(rule + 12)
-    c1e = tl.load(rule + 13)
-    c2s = tl.load(rule + 14)
-    c2e = tl.load(rule + 15)
     if HAS_KV_LEN:
         kv_end = tl.minimum(tl.load(KV_LEN + b), L)
     else:
         kv_end = L
+    # k-tiles from here on cross kv_len or the sequence end; a space-major head cut inside the grid
+    # has its cut keys spread over all tiles
+    first_cut_tile = kv_end // BLOCK_N
+    if (order == 1) & (kv_end < prefix + N):
+        first_cut_tile = 0
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -153,7 +175,6 @@ def _sparse_attention_fwd(
     q_valid = offs_m < L
     q_ptrs = Q + b * stride_qb + h * stride_qh + lq.to(tl.int64)[:, None] * stride_ql + offs_d[None, :]
     q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
-    gq, q_grid, fq, sq, yq, xq = _grid_coords(lq, prefix, P, W, N)
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -161,35 +182,20 @@ def _sparse_attention_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # a space-major head cut inside the grid has the cut keys spread over all its tiles
-    scattered_cut = (order == 1) & (kv_end < prefix + N)
     run_lo = tl.load(ROW_PTR + row_base + pid_m)
     run_hi = tl.load(ROW_PTR + row_base + pid_m + 1)
     for r in range(run_lo, run_hi):
         kt_lo = tl.load(RUNS + 3 * r)
         kt_hi = tl.load(RUNS + 3 * r + 1)
         full = tl.load(RUNS + 3 * r + 2)
-        for kt in range(kt_lo, kt_hi):
-            offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-            lk = _to_logical(offs_n, order, prefix, F, P, N)
-            k_valid = offs_n < L
-            k = tl.load(k_base + lk.to(tl.int64)[:, None] * stride_kl + offs_d[None, :],
-                        mask=k_valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            if (full == 0) | (kt * BLOCK_N + BLOCK_N > kv_end) | scattered_cut:
-                allowed = _rule_tile(lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N,
-                                     diag, md_s, md_t, win_f, win_y, win_x, stripe, n_cols,
-                                     c0s, c0e, c1s, c1e, c2s, c2e)
-                allowed = allowed & (lk < kv_end)[None, :]
-                s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.math.exp2(s * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + lk.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
-                        mask=k_valid[:, None], other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
+        # full tiles before the cut need no mask; partial tiles and the rest do
+        split = tl.where(full != 0, tl.maximum(kt_lo, tl.minimum(kt_hi, first_cut_tile)), kt_lo)
+        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, kt_lo, split, k_base, v_base, stride_kl,
+                                      stride_vl, rule, order, prefix, P, W, F, N, L, kv_end, qk_scale,
+                                      HEAD_DIM, BLOCK_N, False, PRECISION)
+        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, split, kt_hi, k_base, v_base, stride_kl,
+                                      stride_vl, rule, order, prefix, P, W, F, N, L, kv_end, qk_scale,
+                                      HEAD_DIM, BLOCK_N, True, PRECISION)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
