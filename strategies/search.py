@@ -194,16 +194,32 @@ class SearchController:
         self._candidates = None
         self._cost = None
         self._masks: dict = {}
-        self._step = 0
+        self._step = None
+        self._told = False  # whether the loop calls begin_step; else steps follow the sigma of calls
         self._seen: set = set()
-        self._online_choice = None   # closed pass, for steps without a decision yet
         self.cost_model = None
 
     # ---------------------------------------------------------------------------- set-up
     def begin_step(self, sigma: float, step: int) -> None:
+        """Called by the sampling loop before each step."""
+        self._told = True
+        self._enter(int(step))
+
+    def _enter(self, step: int) -> None:
+        if not 0 <= step < len(self.state.sigmas):
+            raise ValueError(f"step {step} outside the searched schedule of {len(self.state.sigmas)} steps")
         if self._on_step is not None:
             self._on_step(step)
-        self._step = int(step)
+        self._step = step
+
+    def _step_of(self, sigma: float) -> int:
+        """The step of a call: as told by begin_step, else the schedule step nearest ``sigma``."""
+        if not self._told:
+            sigmas = self.state.sigmas
+            step = min(range(len(sigmas)), key=lambda i: abs(sigmas[i] - float(sigma)))
+            if step != self._step:
+                self._enter(step)
+        return self._step
 
     @property
     def candidates(self):
@@ -255,7 +271,7 @@ class SearchController:
         heads = q.shape[1] if layout == "bhld" else q.shape[2]
         if self._candidates is None:
             self._setup(geometry, heads, q.shape[-1], q.dtype, q.device)
-        step = self._step
+        step = self._step_of(sigma)
         phase = 0 if st.phase == "dense" else 1
         replay = step < st.done_steps
         key = (st.phase, step, layer)

@@ -68,12 +68,13 @@ def _planted_layer(kinds, candidates, gen, beta=14.0):
     return torch.stack(qs)[None], torch.stack(ks)[None], torch.stack(vs)[None]
 
 
-def _loop(layers_qkv, sigmas, calls=None):
+def _loop(layers_qkv, sigmas, calls=None, tell=True):
     """A fake sampling loop: each step calls every layer's site with fixed q/k/v."""
 
     def run(controller):
         for i, s in enumerate(sigmas):
-            controller.begin_step(s, i)
+            if tell:
+                controller.begin_step(s, i)
             for l, (q, k, v) in enumerate(layers_qkv):
                 out = controller.attention(q, k, v, layer=l, sigma=s, geometry=GEOM, layout="bhld", dense=_sdpa)
                 assert out.shape == q.shape and torch.isfinite(out).all()
@@ -215,3 +216,16 @@ def test_cancel_then_resume_gives_the_same_strategy(tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         search(_loop(layers, sig), sigmas=sig, layers=2, settings=SearchSettings(target_speedup=3.0),
                state_path=state_path, cost_model_factory=DensityCost)
+
+
+def test_steps_follow_sigma_when_the_loop_does_not_tell():
+    sig = [0.95, 0.7, 0.4]
+    layers = _random_layers(2, seed=7)
+    settings = SearchSettings(target_speedup=2.0, densities=(0.1, 0.3), rows=16)
+    told = search(_loop(layers, sig), sigmas=sig, layers=2, settings=settings, cost_model_factory=DensityCost)
+    seen = []
+    untold = search(_loop(layers, sig, tell=False), sigmas=sig, layers=2, settings=settings,
+                    progress=lambda d, t: seen.append(d), cost_model_factory=DensityCost)
+    assert untold.strategy.patterns == told.strategy.patterns
+    assert torch.equal(untold.record.errors, told.record.errors)
+    assert seen == [0, 1, 2, 3, 3, 4, 5, 6]
