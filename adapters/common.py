@@ -87,9 +87,10 @@ def bind_forward_args(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict
 
 
 def sigma_from_timestep(timestep: torch.Tensor, num_train_timesteps: int = 1000) -> float:
-    """The sigma used when no sampling loop pinned one: the first timestep over the train steps
-    (exact for flow-matching schedulers, a normalised timestep for CogVideoX)."""
-    return float(timestep.reshape(-1)[0]) / num_train_timesteps
+    """The sigma used when no sampling loop pinned one: the largest timestep over the train steps
+    (exact for flow-matching schedulers, a normalised timestep for CogVideoX; the largest, since
+    Wan2.2 TI2V image conditioning gives its first-frame tokens timestep 0)."""
+    return float(timestep.max()) / num_train_timesteps
 
 
 class InstalledSites:
