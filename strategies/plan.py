@@ -69,14 +69,14 @@ def _strided(iv: _Intervals, for_all: bool, block_n: int, seg, first, j_lo, j_hi
 
     Any-intervals whose gaps (stride - (hi - lo)) are narrower than a k-tile touch one contiguous
     range of k-tiles, so one spanning interval stands for them (tile-exact). All-intervals covering
-    whole strides join into one; pieces narrower than a k-tile cannot hold one and are left out
-    (conservative: such tiles stay partial).
+    whole strides join into one; separate pieces are kept only when long enough to hold a k-tile
+    at any alignment (2 * block_n - 1), others are left out (conservative: their tiles stay partial).
     """
     seg, first, j_lo, j_hi, lo, hi = (a.ravel() for a in np.broadcast_arrays(seg, first, j_lo, j_hi, lo, hi))
     ok = (j_hi >= j_lo) & (hi > lo)
     one = ok & ((hi - lo >= stride) if for_all else (stride - (hi - lo) < block_n))
     iv.add(seg[one], first[one] + j_lo[one] * stride + lo[one], first[one] + j_hi[one] * stride + hi[one])
-    many = ok & ~one & ((hi - lo >= block_n) if for_all else True)
+    many = ok & ~one & ((hi - lo >= 2 * block_n - 1) if for_all else True)
     if many.any():
         j = j_lo[many, None] + np.arange(int((j_hi - j_lo)[many].max()) + 1)[None, :]
         base = first[many, None] + j * stride
@@ -139,17 +139,20 @@ def _merge_per_group(group, start, end):
     return group[first], start[first], reach[last]
 
 
-def _sweep(qt, lo, hi, channel, n_channels, nk):
-    """Cover counts of tile ranges [lo, hi) per q-tile: pieces (qt, start, end, counts [n, channels])
-    of constant counts, sorted, non-empty, covering every position between a q-tile's events."""
-    weights = np.zeros((qt.size * 2, n_channels), np.int64)
-    weights[np.arange(qt.size), channel] = 1
-    weights[qt.size + np.arange(qt.size), channel] = -1
+_CHANNEL = 1 << 31  # the sweep's second count rides in the high bits of one int64 sum
+
+
+def _sweep(qt, lo, hi, second, nk):
+    """Cover counts of tile ranges [lo, hi) per q-tile, in two channels (`second` marks ranges of
+    the second): pieces (qt, start, end, first count, second count) of constant counts, sorted and
+    non-empty, covering every position between a q-tile's first and last event."""
+    weight = np.where(np.broadcast_to(second, qt.shape), _CHANNEL, 1)
     q, pos = np.concatenate([qt, qt]), np.concatenate([lo, hi])
     idx = np.argsort(q * (nk + 1) + pos, kind="stable")
-    q, pos, counts = q[idx], pos[idx], np.cumsum(weights[idx], axis=0)
+    q, pos = q[idx], pos[idx]
+    counts = np.cumsum(np.concatenate([weight, -weight])[idx])
     i = np.nonzero((q[1:] == q[:-1]) & (pos[1:] > pos[:-1]))[0]
-    return q[i], pos[i], pos[i + 1], counts[i]
+    return q[i], pos[i], pos[i + 1], counts[i] % _CHANNEL, counts[i] // _CHANNEL
 
 
 def _ranges(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -215,9 +218,9 @@ def tile_runs(rule, order: int, geom: VideoGeometry, block_m: int, block_n: int)
     s, lo, hi = _merge_per_group(*all_iv.arrays())
     lo, hi = _cdiv(lo + pre, block_n), np.where(hi + pre >= L, nk, (hi + pre) // block_n)
     keep = hi > lo
-    q, start, end, count = _sweep(seg_qt[s[keep]], lo[keep], hi[keep], 0, 1, nk)
+    q, start, end, count, _ = _sweep(seg_qt[s[keep]], lo[keep], hi[keep], False, nk)
     segs_per_tile = np.bincount(seg_qt, minlength=nq)
-    full = count[:, 0] == segs_per_tile[q]
+    full = count == segs_per_tile[q]
     full_parts = [(q[full], start[full], end[full]), _every_tile(nq, key_full_lo, key_full_hi)]
     no_grid = np.nonzero(segs_per_tile == 0)[0]
     full_parts.append((no_grid, np.zeros_like(no_grid), np.full_like(no_grid, nk)))
@@ -230,11 +233,10 @@ def tile_runs(rule, order: int, geom: VideoGeometry, block_m: int, block_n: int)
     mixed = np.nonzero((t_lo < pre) | (t_hi > pre + N))[0]
     any_parts.append((mixed, np.zeros_like(mixed), np.full_like(mixed, nk)))
 
-    parts = [(a, b, c, np.full(a.size, ch)) for ch, group in enumerate((any_parts, full_parts))
+    parts = [(a, b, c, np.full(a.size, is_full)) for is_full, group in ((False, any_parts), (True, full_parts))
              for a, b, c in group]
-    q, start, end, count = _sweep(*(np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(4)),
-                                  2, nk)
-    code = (count[:, 0] > 0) * (1 + (count[:, 1] > 0))
+    q, start, end, n_any, n_full = _sweep(*(np.concatenate([p[i] for p in parts]) for i in range(4)), nk)
+    code = (n_any > 0) * (1 + (n_full > 0))
     keep = code > 0
     q, start, end, code = q[keep], start[keep], end[keep], code[keep]
     new = np.ones(q.size, dtype=bool)  # join touching pieces of equal kind into one run
@@ -247,13 +249,23 @@ def tile_runs(rule, order: int, geom: VideoGeometry, block_m: int, block_n: int)
     return row_ptr, runs
 
 
-def _fewer_tiles_order(rule, geom: VideoGeometry, block_m: int, block_n: int):
-    """Space-major when the rule is a spatial band (no diagonal, window or stripe keys, which would
-    scatter in space-major order) that visits fewer tiles that way; else frame-major.
+def _choose_order(rule, geom: VideoGeometry, block_m: int, block_n: int):
+    """Order and runs of a rule: frame-major, except a spatial band without diagonal, window or stripe
+    keys (those scatter in space-major order) that visits fewer tiles space-major. The tile counts
+    are first estimated per q-tile; both orders are compiled only when the estimates are close.
     Returns (order, row_ptr, runs)."""
-    fm = tile_runs(rule, R.FRAME_MAJOR, geom, block_m, block_n)
     if rule[R.MD_S] < 0 or rule[R.DIAG] >= 0 or rule[R.WIN_F] >= 0 or rule[R.STRIPE_FIRST] > 0 \
             or rule[R.N_COLS] > 0:
+        return (R.FRAME_MAJOR,) + tile_runs(rule, R.FRAME_MAJOR, geom, block_m, block_n)
+    F, P, S, T = geom.frames, geom.tokens_per_frame, rule[R.MD_S], rule[R.MD_T]
+    if T >= F - 1:  # every frame: each query's keys are one contiguous block in space-major order
+        return (R.SPACE_MAJOR,) + tile_runs(rule, R.SPACE_MAJOR, geom, block_m, block_n)
+    frame_major = min(2 * T + 1, F) * (min(2 * S + block_m, P) / block_n + 1)
+    space_major = min((2 * S + 1) * F + block_m, geom.grid_tokens) / block_n + 1
+    if space_major * 1.5 < frame_major:
+        return (R.SPACE_MAJOR,) + tile_runs(rule, R.SPACE_MAJOR, geom, block_m, block_n)
+    fm = tile_runs(rule, R.FRAME_MAJOR, geom, block_m, block_n)
+    if frame_major * 1.5 < space_major:
         return (R.FRAME_MAJOR,) + fm
     sm = tile_runs(rule, R.SPACE_MAJOR, geom, block_m, block_n)
     return (R.SPACE_MAJOR,) + sm if visited_tiles(sm[1]) < visited_tiles(fm[1]) else (R.FRAME_MAJOR,) + fm
@@ -283,7 +295,7 @@ class TablePool:
         """(order, row_base, visited tile count) of a non-skip rule; classified on first sight."""
         key = tuple(rule[R.DIAG:])
         if key not in self.entries:
-            order, row_ptr, runs = _fewer_tiles_order(rule, self.geom, self.block_m, self.block_n)
+            order, row_ptr, runs = _choose_order(rule, self.geom, self.block_m, self.block_n)
             base = self._count_ptr - 1
             self._row_ptr.append(row_ptr[1:] + self._count_runs)
             self._runs.append(runs)
