@@ -1,7 +1,9 @@
 """SparseEngine: dense routes are untouched, sparse routes exact, bad input raises, one warning."""
 
 import math
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +146,12 @@ def test_sdpa_dense_matches_softmax_attention(layout):
     assert out.shape == q.shape and torch.allclose(out.double(), ref, atol=1e-5)
     with pytest.raises(ValueError, match="layout"):
         sdpa_dense("lbhd")
+
+
+def test_documented_api_example_runs(capsys):
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "docs/api.md", "exec"), {})
+    assert "tile density" in capsys.readouterr().out
