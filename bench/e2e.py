@@ -171,10 +171,6 @@ def bench_case(case: Case, *, tiny: bool, repeats: int, device, dtype) -> list[d
         rows.append(dict(model=case.label, strategy=f"paper-like {density:.2f}", density=real, seconds=t_sparse,
                          speedup=t_stock / t_sparse, amdahl=amdahl, share=share, video=video,
                          video_speedup=video_dense / video, note=f"realised/Amdahl {(t_stock / t_sparse) / amdahl:.2f}"))
-    del model, inputs, out_stock, out_dense
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -214,6 +210,9 @@ def main(argv=None) -> str:
     with prefer_cudnn():
         for name in names:
             rows.extend(bench_case(CASES[name], tiny=args.tiny, repeats=args.repeats, device=device, dtype=dtype))
+            gc.collect()  # the model of that case is unreferenced now: free it before the next one
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     where = "CPU, tiny configs, fp32, reference kernel" if args.tiny else \
         f"{torch.cuda.get_device_name()}, bf16, SDPA preferring cuDNN"
     table = markdown(rows, f"End-to-end forward, {where}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")

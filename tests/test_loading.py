@@ -5,7 +5,6 @@ import re
 
 import pytest
 import torch
-from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
 from safetensors.torch import save_file
 
 from sparse_vdit.adapters.loading import (

@@ -102,7 +102,7 @@ def test_wan_i2v_uses_condition_and_image_tokens_and_keeps_video_only_self_atten
     prompt, negative = wan_embeds()
     g = torch.Generator().manual_seed(8)
     condition, image = torch.randn(1, 5, 3, 6, 10, generator=g), torch.randn(1, 3, 8, generator=g)
-    recorder, shapes = Recorder(), []
+    recorder = Recorder()
     run = lambda cond, **kw: sample_wan(model, initial_noise((1, 4, 3, 6, 10), 1), prompt, negative_embeds=negative,
                                         steps=2, guidance=4.0, condition=cond, image_embeds=image, **kw)
     with torch.no_grad():
