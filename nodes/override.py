@@ -46,11 +46,13 @@ class ModelFamily:
     double_blocks: str
     single_blocks: str | None = None
     count_calls: bool = False
+    text_arg: int | None = None          # forward's positional arg holding the text tokens [B, T, C]
+    extra_frames_arg: int | None = None  # forward's positional arg of latent frames joined to x (Wan)
 
 
 FAMILIES = {
-    "wan": ModelFamily("wan", "prefix", "blocks"),
-    "hunyuan_video": ModelFamily("hunyuan_video", "suffix", "double_blocks", "single_blocks"),
+    "wan": ModelFamily("wan", "prefix", "blocks", extra_frames_arg=4),
+    "hunyuan_video": ModelFamily("hunyuan_video", "suffix", "double_blocks", "single_blocks", text_arg=2),
     "cogvideox": ModelFamily("cogvideox", "prefix", "transformer_blocks", count_calls=True),
 }
 
@@ -79,13 +81,16 @@ def block_counts(diffusion_model: Any, family: ModelFamily) -> tuple[int, int]:
 
 
 class ForwardState:
-    """What our wrapper learns once per forward: the grid (frames, rows, columns) and sigma."""
+    """What our wrapper learns once per forward: the grid (frames, rows, columns), sigma and,
+    where the family says, the text length (HunyuanVideo: text after the video, reference
+    latent tokens before it)."""
 
-    __slots__ = ("grid", "sigma", "calls")
+    __slots__ = ("grid", "sigma", "text", "calls")
 
-    def __init__(self, grid: tuple[int, int, int], sigma: float | None):
+    def __init__(self, grid: tuple[int, int, int], sigma: float | None, text: int | None = None):
         self.grid = grid
         self.sigma = sigma
+        self.text = text
         self.calls = 0
 
 
@@ -108,19 +113,32 @@ def _first_sigma(transformer_options: dict) -> float | None:
 
 
 class ForwardWrapper:
-    """WrappersMP.DIFFUSION_MODEL wrapper: records grid and sigma for the override, per forward.
+    """WrappersMP.DIFFUSION_MODEL wrapper: records grid, sigma and text length per forward.
 
-    ComfyUI calls it as ``wrapper(executor, x, timestep, ..., transformer_options, **kw)``;
+    ComfyUI calls it as ``wrapper(executor, x, timestep, context, ..., transformer_options, **kw)``;
     transformer_options is the last positional argument (or a keyword).
     """
 
+    def __init__(self, family: ModelFamily):
+        self.family = family
+
     def __call__(self, executor: Callable, *args: Any, **kwargs: Any) -> Any:
         if "transformer_options" in kwargs:
-            options = kwargs["transformer_options"]
+            options, model_args = kwargs["transformer_options"], args
         else:
-            options = args[-1]
-        grid = latent_grid(tuple(args[0].shape), executor.class_obj.patch_size)
-        tagged = {**options, FORWARD_KEY: ForwardState(grid, _first_sigma(options))}
+            options, model_args = args[-1], args[:-1]
+
+        def positional(index):
+            return model_args[index] if index is not None and index < len(model_args) else None
+
+        shape = list(model_args[0].shape)
+        joined = positional(self.family.extra_frames_arg)
+        if joined is not None:
+            shape[2] += joined.shape[2]
+        grid = latent_grid(tuple(shape), executor.class_obj.patch_size)
+        text = positional(self.family.text_arg)
+        state = ForwardState(grid, _first_sigma(options), None if text is None else int(text.shape[1]))
+        tagged = {**options, FORWARD_KEY: state}
         if "transformer_options" in kwargs:
             kwargs["transformer_options"] = tagged
         else:
@@ -210,7 +228,8 @@ class SparseAttentionOverride:
         if extra < 0:  # shorter than the video: a text-only call
             return None
         if self.family.extra_at == "suffix":
-            return VideoGeometry(frames, height, width, suffix=extra)
+            text = extra if state is None or state.text is None else min(state.text, extra)
+            return VideoGeometry(frames, height, width, prefix=extra - text, suffix=text)
         return VideoGeometry(frames, height, width, prefix=extra)
 
     def __call__(self, func: Callable, q, k, v, heads: int, mask=None, attn_precision=None,

@@ -48,7 +48,7 @@ def install_controller(model: Any, controller: Any) -> Any:
     options[ov.OVERRIDE_KEY] = override
 
     patched.remove_wrappers_with_key(wrapper_type, ov.WRAPPER_KEY)
-    patched.add_wrapper_with_key(wrapper_type, ov.WRAPPER_KEY, ov.ForwardWrapper())
+    patched.add_wrapper_with_key(wrapper_type, ov.WRAPPER_KEY, ov.ForwardWrapper(family))
     patched.remove_callbacks_with_key(prepare_state, ov.WRAPPER_KEY)
     patched.add_callback_with_key(prepare_state, ov.WRAPPER_KEY, ov.ReinstallOnPrepare(override))
 

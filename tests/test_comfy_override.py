@@ -269,24 +269,46 @@ def test_reinstall_puts_our_override_on_top_once_for_both_callback_arities():
     assert live["transformer_options"][ov.OVERRIDE_KEY] is ours
 
 
+class _DiT:
+    patch_size = (1, 2, 2)
+
+
+class _Executor:
+    """ComfyUI's WrapperExecutor in miniature: records the arguments the model receives."""
+
+    class_obj = _DiT()
+
+    def __call__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+        return args[0]
+
+
 def test_forward_wrapper_records_grid_and_sigma_without_touching_the_callers_options():
-    class DiT:
-        patch_size = (1, 2, 2)
-
-    class Executor:
-        class_obj = DiT()
-
-        def __call__(self, x, timestep, context, options):
-            self.options = options
-            return x
-
-    executor = Executor()
+    executor = _Executor()
     options = {"sigmas": torch.tensor([0.9, 0.9])}
     latent = torch.zeros(2, 16, 3, 5, 8)  # odd height: padded up by the model
-    ov.ForwardWrapper()(executor, latent, None, None, options)
-    state = executor.options[ov.FORWARD_KEY]
-    assert state.grid == (3, 3, 4) and state.sigma == pytest.approx(0.9)
+    ov.ForwardWrapper(ov.FAMILIES["wan"])(executor, latent, None, None, options)
+    state = executor.args[-1][ov.FORWARD_KEY]
+    assert state.grid == (3, 3, 4) and state.sigma == pytest.approx(0.9) and state.text is None
     assert ov.FORWARD_KEY not in options
+    # Wan's time_dim_concat (5th positional argument) adds latent frames to the grid
+    joined = torch.zeros(2, 16, 2, 5, 8)
+    ov.ForwardWrapper(ov.FAMILIES["wan"])(executor, latent, None, None, None, joined, transformer_options=options)
+    assert executor.kwargs["transformer_options"][ov.FORWARD_KEY].grid == (5, 3, 4)
+
+
+def test_hunyuan_reference_tokens_go_before_the_grid_and_text_after():
+    executor = _Executor()
+    context = torch.zeros(1, 7, 4096)
+    ov.ForwardWrapper(ov.FAMILIES["hunyuan_video"])(executor, torch.zeros(1, 16, 2, 6, 8), None, context,
+                                                    {"sigmas": torch.tensor([0.5])})
+    state = executor.args[-1][ov.FORWARD_KEY]
+    assert state.text == 7 and state.grid == (2, 3, 4)
+    rec = Recorder()
+    override = ov.SparseAttentionOverride(rec, ov.FAMILIES["hunyuan_video"], n_double=1)
+    q, k, v = qkv(1, 12 + 24 + 7, True)  # 12 reference-latent tokens, 24 video tokens, 7 text tokens
+    call(override, q, k, v, {"block_index": 0, ov.FORWARD_KEY: state}, skip_reshape=True)
+    assert rec.calls[0]["geometry"] == VideoGeometry(2, 3, 4, prefix=12, suffix=7)
 
 
 def test_latent_grid_and_family_detection_reject_bad_input():
