@@ -190,8 +190,7 @@ def tile_runs(rule, order: int, geom: VideoGeometry, block_m: int, block_n: int)
     if order == R.SPACE_MAJOR and (rule[R.DIAG] >= 0 or rule[R.WIN_F] >= 0):
         raise ValueError("space-major order supports multi-diagonal and stripe rules only, "
                          f"not a diagonal or window (rule {rule})")
-    L, N, pre = geom.seq_len, geom.grid_tokens, geom.prefix
-    nq, nk = _cdiv(L, block_m), _cdiv(L, block_n)
+    N, pre = geom.grid_tokens, geom.prefix
     if order == R.SPACE_MAJOR:
         inner = geom.frames
     else:  # windows need one row per segment; bands only one frame
@@ -201,7 +200,7 @@ def tile_runs(rule, order: int, geom: VideoGeometry, block_m: int, block_n: int)
     seg = np.arange(a0.size)
     any_iv.add(seg, a0, a1)  # every query attends itself
     all_iv.add(seg, a0, np.where(a1 - a0 == 1, a1, a0))
-    extra = [(-pre, 0), (N, L - pre)]  # non-grid keys, in grid coordinates
+    extra = [(-pre, 0), (N, geom.seq_len - pre)]  # non-grid keys, in grid coordinates
     if order == R.FRAME_MAJOR:  # stripes are intervals in frame-major order
         extra.append((0, rule[R.STRIPE_FIRST]))
         extra += [(rule[R.COLS + 2 * c], rule[R.COLS + 2 * c + 1]) for c in range(max(rule[R.N_COLS], 0))]
@@ -211,32 +210,47 @@ def tile_runs(rule, order: int, geom: VideoGeometry, block_m: int, block_n: int)
         _frame_major_intervals(rule, geom, a0, a1, any_iv, all_iv, block_n)
     elif rule[R.MD_S] >= 0:
         _space_major_intervals(rule, geom, a0, a1, any_iv, all_iv, block_n)
-    (key_any_lo, key_any_hi), (key_full_lo, key_full_hi) = _key_only(rule, order, geom, block_n)
-    tiles = np.arange(nq)
+    key_any, key_full = _key_only(rule, order, geom, block_n)
+    full = _full_parts(all_iv, seg_qt, key_full, geom, block_m, block_n)
+    visited = _visited_parts(any_iv, seg_qt, key_any, geom, block_m, block_n)
+    return _encode(visited, full, _cdiv(geom.seq_len, block_m), _cdiv(geom.seq_len, block_n))
 
-    # full: inside the merged all-intervals of every grid segment of the q-tile
+
+def _full_parts(all_iv: _Intervals, seg_qt, key_full, geom: VideoGeometry, block_m: int, block_n: int):
+    """(q-tile, lo, hi) k-tile ranges that are full: inside the merged all-intervals of every grid
+    segment of the q-tile, made only of keys every query attends, or in a q-tile without grid rows."""
+    L, pre = geom.seq_len, geom.prefix
+    nq, nk = _cdiv(L, block_m), _cdiv(L, block_n)
     s, lo, hi = _merge_per_group(*all_iv.arrays())
     lo, hi = _cdiv(lo + pre, block_n), np.where(hi + pre >= L, nk, (hi + pre) // block_n)
     keep = hi > lo
     q, start, end, count, _ = _sweep(seg_qt[s[keep]], lo[keep], hi[keep], False, nk)
     segs_per_tile = np.bincount(seg_qt, minlength=nq)
     full = count == segs_per_tile[q]
-    full_parts = [(q[full], start[full], end[full]), _every_tile(nq, key_full_lo, key_full_hi)]
     no_grid = np.nonzero(segs_per_tile == 0)[0]
-    full_parts.append((no_grid, np.zeros_like(no_grid), np.full_like(no_grid, nk)))
+    return [(q[full], start[full], end[full]), _every_tile(nq, *key_full),
+            (no_grid, np.zeros_like(no_grid), np.full_like(no_grid, nk))]
 
-    # visited: touched by some any-interval, a key-only tile, or a q-tile with non-grid rows
+
+def _visited_parts(any_iv: _Intervals, seg_qt, key_any, geom: VideoGeometry, block_m: int, block_n: int):
+    """(q-tile, lo, hi) k-tile ranges that are visited: touched by an any-interval, holding a key
+    every query attends, or anywhere in a q-tile with non-grid query rows."""
+    L, N, pre = geom.seq_len, geom.grid_tokens, geom.prefix
+    nq, nk = _cdiv(L, block_m), _cdiv(L, block_n)
     s, lo, hi = any_iv.arrays()
-    any_parts = [(seg_qt[s], (lo + pre) // block_n, (hi + pre - 1) // block_n + 1),
-                 _every_tile(nq, key_any_lo, key_any_hi)]
+    tiles = np.arange(nq)
     t_lo, t_hi = tiles * block_m, np.minimum((tiles + 1) * block_m, L)
     mixed = np.nonzero((t_lo < pre) | (t_hi > pre + N))[0]
-    any_parts.append((mixed, np.zeros_like(mixed), np.full_like(mixed, nk)))
+    return [(seg_qt[s], (lo + pre) // block_n, (hi + pre - 1) // block_n + 1), _every_tile(nq, *key_any),
+            (mixed, np.zeros_like(mixed), np.full_like(mixed, nk))]
 
-    parts = [(a, b, c, np.full(a.size, is_full)) for is_full, group in ((False, any_parts), (True, full_parts))
+
+def _encode(visited, full, nq: int, nk: int):
+    """Runs of visited k-tiles per q-tile, split where full starts or stops: (row_ptr, runs)."""
+    parts = [(a, b, c, np.full(a.size, is_full)) for is_full, group in ((False, visited), (True, full))
              for a, b, c in group]
     q, start, end, n_any, n_full = _sweep(*(np.concatenate([p[i] for p in parts]) for i in range(4)), nk)
-    code = (n_any > 0) * (1 + (n_full > 0))
+    code = (n_any > 0) * (1 + (n_full > 0))  # 0 not visited, 1 partial, 2 full
     keep = code > 0
     q, start, end, code = q[keep], start[keep], end[keep], code[keep]
     new = np.ones(q.size, dtype=bool)  # join touching pieces of equal kind into one run
