@@ -102,8 +102,6 @@ class Pattern:
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= L):
             raise ValueError(f"token_mask rows must lie in [0, {L}), got {int(rows.min())}..{int(rows.max())}")
         q, k = _coords(rows[:, None], geom), _coords(keys[None, :], geom)
-        if isinstance(self, Skip):
-            return torch.zeros(rows.numel(), L, dtype=torch.bool)
         always = ~q["grid"] | ~k["grid"] | (rows[:, None] == keys[None, :])
         return always | (q["grid"] & k["grid"] & self._grid_mask(q, k, geom))
 
@@ -160,6 +158,12 @@ class Skip(Pattern):
     """The head's output is exactly zero; nothing is computed."""
 
     name: ClassVar[str] = "skip"
+
+    def token_mask(self, geom, rows=None):
+        return torch.zeros_like(super().token_mask(geom, rows))  # validates rows; attends nothing
+
+    def _grid_mask(self, q, k, geom):
+        return torch.zeros(q["g"].shape[0], k["g"].shape[1], dtype=torch.bool)
 
     def head_rule(self, geom):
         rule = super().head_rule(geom)
