@@ -14,6 +14,7 @@ by the word's CRC32), the prompt is the sequence of its word vectors, zero-padde
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -109,8 +110,10 @@ def _as_prompt(prompt: Prompt | str) -> Prompt:
     return prompt if isinstance(prompt, Prompt) else Prompt.parse(prompt)
 
 
+@functools.lru_cache(maxsize=None)
 def word_embedding(word: str) -> torch.Tensor:
-    """The fixed float32 [TEXT_DIM] vector of one vocabulary word (N(0, 1), seeded by CRC32)."""
+    """The fixed float32 [TEXT_DIM] vector of one vocabulary word (N(0, 1), seeded by CRC32; cached,
+    do not modify it in place)."""
     generator = torch.Generator().manual_seed(zlib.crc32(word.encode()))
     return torch.randn(TEXT_DIM, generator=generator)
 

@@ -84,6 +84,7 @@ def train(
         raise ValueError(f"batch must be >= 1, got {batch}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_model(config).to(device).train()
