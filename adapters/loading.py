@@ -15,6 +15,7 @@ The hub is never contacted. Anything else raises `LoadError` saying what was exp
 
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -230,13 +231,20 @@ def to_diffusers_keys(family: str, state: dict) -> dict:
     raise LoadError(f"no original-key conversion for {family}")
 
 
+@functools.lru_cache(maxsize=None)
+def _parameter_shapes(variant: str) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of a shipped config's model (built on the meta device, cached)."""
+    config = shipped_config(variant)
+    with torch.device("meta"):
+        model = _diffusers_class(config["_class_name"]).from_config(config)
+    return {k: tuple(p.shape) for k, p in model.named_parameters()}
+
+
 def match_variant(class_name: str, state: dict) -> str:
     """The shipped config whose parameter names and shapes equal those of `state`."""
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     for variant in shipped_variants(class_name):
-        with torch.device("meta"):
-            candidate = _diffusers_class(class_name).from_config(shipped_config(variant))
-        if {k: tuple(p.shape) for k, p in candidate.named_parameters()} == shapes:
+        if _parameter_shapes(variant) == shapes:
             return variant
     candidates = ", ".join(shipped_variants(class_name))
     raise LoadError(f"the {class_name} weights match none of the shipped configs ({candidates}); "

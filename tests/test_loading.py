@@ -244,10 +244,11 @@ def test_wrong_damaged_and_unsupported_files_raise_load_error(tmp_path):
         shipped_config("wan-9000b")
 
 
-def test_every_shipped_transformer_config_is_a_distinct_variant():
+def test_every_shipped_config_is_a_distinct_variant():
     import diffusers
 
-    for class_name in ("WanTransformer3DModel", "HunyuanVideoTransformer3DModel", "CogVideoXTransformer3DModel"):
+    for class_name in ("WanTransformer3DModel", "HunyuanVideoTransformer3DModel", "CogVideoXTransformer3DModel",
+                       "AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "AutoencoderKLCogVideoX"):
         shapes = []
         for variant in shipped_variants(class_name):
             with torch.device("meta"):
@@ -255,7 +256,7 @@ def test_every_shipped_transformer_config_is_a_distinct_variant():
             shapes.append(frozenset((k, tuple(p.shape)) for k, p in model.named_parameters()))
         assert len(set(shapes)) == len(shapes), class_name
     assert {"wan-t2v-1.3b", "wan-t2v-14b", "wan2.1-i2v-14b", "wan2.2-ti2v-5b", "hunyuanvideo-t2v",
-            "cogvideox1.5-5b-t2v"} <= set(shipped_variants())
+            "cogvideox1.5-5b-t2v", "wan2.1-vae", "wan2.2-vae", "hunyuanvideo-vae", "cogvideox1.5-vae"} <= set(shipped_variants())
 
 
 @pytest.mark.parametrize("variant,family,latent", [
