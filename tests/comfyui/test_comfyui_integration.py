@@ -1,11 +1,11 @@
 """Opt-in: our pack inside a real ComfyUI (CPU, loopback), through ../shared/tools/comfyui-harness.sh.
 
 Runs when COMFYUI_ROOT (a ComfyUI work tree the harness may use) or COMFYUI_GIT (a bare clone it
-extracts from) is set; COMFY_VENV as the harness documents. A tiny random-weight Wan2.1 checkpoint
-goes through UNETLoader -> Apply Strategy (reference kernel forced on CPU) -> KSampler next to an
-unpatched KSampler: an all-dense strategy must give the identical latent, a sparse one a different
-latent. A helper pack written here supplies random conditioning (no text encoder needed) and
-reports which of our node ids ComfyUI registered (what /object_info lists).
+extracts from) is set; COMFY_VENV as the harness documents. Tiny random-weight Wan2.1 and
+HunyuanVideo checkpoints go through UNETLoader -> Apply Strategy (reference kernel forced on CPU)
+-> KSampler next to an unpatched KSampler: an all-dense strategy must give the identical latent, a
+sparse one a different latent. A helper pack written here supplies random conditioning (no text
+encoder needed) and reports which of our node ids ComfyUI registered (what /object_info lists).
 """
 
 import json
@@ -41,11 +41,13 @@ class SVTestConditioning:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0}), "tokens": ("INT", {"default": 8})}}
+        return {"required": {"seed": ("INT", {"default": 0}), "tokens": ("INT", {"default": 8}),
+                             "pooled": ("BOOLEAN", {"default": False})}}
 
-    def run(self, seed, tokens):
+    def run(self, seed, tokens, pooled):
         g = torch.Generator().manual_seed(seed)
-        return ([[torch.randn(1, tokens, 4096, generator=g), {}]],)
+        extra = {"pooled_output": torch.randn(1, 768, generator=g)} if pooled else {}
+        return ([[torch.randn(1, tokens, 4096, generator=g), extra]],)
 
 
 class SVTestRegistry:
@@ -73,40 +75,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+FAMILIES = {"wan": 3, "hunyuan": 4}  # family -> layers of the tiny checkpoint (2 heads each)
+
+
 def write_strategies(folder):
     from sparse_vdit.strategies.file import save_strategy
     from sparse_vdit.strategies.patterns import Dense, Diagonal, Skip
     from sparse_vdit.strategies.strategy import Strategy
 
     os.makedirs(folder, exist_ok=True)
-    for name, pair in (("sparse", (Diagonal(0.3), Skip())), ("alldense", (Dense(), Dense()))):
-        rows = (pair,) * 3
-        save_strategy(Strategy(layers=3, heads=2, sigma_edges=(1.0, 0.0), patterns=(rows,)),
-                      os.path.join(folder, f"tiny_wan_{name}.safetensors"))
+    for family, layers in FAMILIES.items():
+        for name, pair in (("sparse", (Diagonal(0.3), Skip())), ("alldense", (Dense(), Dense()))):
+            rows = (pair,) * layers
+            save_strategy(Strategy(layers=layers, heads=2, sigma_edges=(1.0, 0.0), patterns=(rows,)),
+                          os.path.join(folder, f"tiny_{family}_{name}.safetensors"))
 
 
-def workflow() -> dict:
-    sampler = {"seed": 0, "steps": 2, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple",
-               "denoise": 1.0, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0]}
+def family_nodes(family: str, base: int) -> dict:
+    """Loader, conditioning, latent, two strategies, three samplers, three SaveLatent nodes."""
+    ids = {name: str(base + i) for i, name in enumerate(
+        ["unet", "pos", "neg", "latent", "sparse", "alldense", "apply_sparse", "apply_alldense",
+         "ks_dense", "ks_sparse", "ks_alldense", "save_dense", "save_sparse", "save_alldense"])}
+    pooled = family == "hunyuan"
+    sampler = {"seed": 0, "steps": 2, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+               "positive": [ids["pos"], 0], "negative": [ids["neg"], 0], "latent_image": [ids["latent"], 0]}
     nodes = {
-        "1": ("UNETLoader", {"unet_name": "tiny_wan.safetensors", "weight_dtype": "default"}),
-        "2": ("SVTestConditioning", {"seed": 1, "tokens": 8}),
-        "3": ("SVTestConditioning", {"seed": 2, "tokens": 8}),
-        "4": ("EmptyHunyuanLatentVideo", {"width": 64, "height": 48, "length": 9, "batch_size": 1}),
-        "5": ("SparseVDiTLoadStrategy", {"strategy_name": "tiny_wan_sparse.safetensors"}),
-        "6": ("SparseVDiTLoadStrategy", {"strategy_name": "tiny_wan_alldense.safetensors"}),
-        "7": ("SparseVDiTApplyStrategy", {"model": ["1", 0], "strategy": ["5", 0], "force_reference": True}),
-        "8": ("SparseVDiTApplyStrategy", {"model": ["1", 0], "strategy": ["6", 0], "force_reference": True}),
-        "9": ("KSampler", dict(sampler, model=["1", 0])),
-        "10": ("KSampler", dict(sampler, model=["7", 0])),
-        "11": ("KSampler", dict(sampler, model=["8", 0])),
-        "12": ("SaveLatent", {"samples": ["9", 0], "filename_prefix": "svtest/dense"}),
-        "13": ("SaveLatent", {"samples": ["10", 0], "filename_prefix": "svtest/sparse"}),
-        "14": ("SaveLatent", {"samples": ["11", 0], "filename_prefix": "svtest/alldense"}),
-        "15": ("SVTestRegistry", {}),
-        "16": ("SparseVDiTStrategyInfo", {"strategy": ["5", 0], "frames": 3, "height": 3, "width": 4}),
+        "unet": ("UNETLoader", {"unet_name": f"tiny_{family}.safetensors", "weight_dtype": "default"}),
+        "pos": ("SVTestConditioning", {"seed": 1, "tokens": 8, "pooled": pooled}),
+        "neg": ("SVTestConditioning", {"seed": 2, "tokens": 8, "pooled": pooled}),
+        "latent": ("EmptyHunyuanLatentVideo", {"width": 64, "height": 48, "length": 9, "batch_size": 1}),
     }
-    return {k: {"class_type": t, "inputs": i} for k, (t, i) in nodes.items()}
+    for kind in ("sparse", "alldense"):
+        nodes[kind] = ("SparseVDiTLoadStrategy", {"strategy_name": f"tiny_{family}_{kind}.safetensors"})
+        nodes[f"apply_{kind}"] = ("SparseVDiTApplyStrategy", {"model": [ids["unet"], 0], "strategy": [ids[kind], 0],
+                                                             "force_reference": True})
+    for kind, model in (("dense", ids["unet"]), ("sparse", ids["apply_sparse"]), ("alldense", ids["apply_alldense"])):
+        nodes[f"ks_{kind}"] = ("KSampler", dict(sampler, model=[model, 0]))
+        nodes[f"save_{kind}"] = ("SaveLatent", {"samples": [ids[f"ks_{kind}"], 0],
+                                                "filename_prefix": f"svtest/{family}_{kind}"})
+    return {ids[name]: {"class_type": t, "inputs": i} for name, (t, i) in nodes.items()}, ids
+
+
+def workflow() -> tuple[dict, dict]:
+    """The whole prompt and, per family, the node ids of its parts."""
+    prompt, ids = {}, {}
+    for n, family in enumerate(FAMILIES):
+        nodes, ids[family] = family_nodes(family, 100 * (n + 1))
+        prompt.update(nodes)
+    prompt["1"] = {"class_type": "SVTestRegistry", "inputs": {}}
+    prompt["2"] = {"class_type": "SparseVDiTStrategyInfo",
+                   "inputs": {"strategy": [ids["wan"]["sparse"], 0], "frames": 3, "height": 3, "width": 4}}
+    return prompt, ids
 
 
 @pytest.fixture(scope="module")
@@ -114,18 +133,20 @@ def history(tmp_path_factory):
     from safetensors.torch import save_file
 
     sys.path.insert(0, HERE)
-    from tiny_models import tiny_wan_state
+    from tiny_models import tiny_hunyuan_state, tiny_wan_state
 
     work = tmp_path_factory.mktemp("comfyui")
     models = work / "models"
     os.makedirs(models)
     save_file(tiny_wan_state(), str(models / "tiny_wan.safetensors"))
+    save_file(tiny_hunyuan_state(), str(models / "tiny_hunyuan.safetensors"))
     write_strategies(str(models / "sparse_strategies"))
     (work / "extra.yaml").write_text(f"svtest:\n  base_path: {models}\n  sparse_strategies: sparse_strategies\n")
     pack = work / "svtest_nodes"
     os.makedirs(pack)
     (pack / "__init__.py").write_text(textwrap.dedent(HELPER_PACK))
-    (work / "workflow.api.json").write_text(json.dumps(workflow()))
+    prompt, ids = workflow()
+    (work / "workflow.api.json").write_text(json.dumps(prompt))
     env = dict(os.environ, COMFY_EXTRA_ARGS=f"--extra-model-paths-config {work / 'extra.yaml'}")
     env.pop("TRITON_INTERPRET", None)  # set by tests/conftest.py for our own CPU tests, not for ComfyUI
     if COMFY_ROOT:
@@ -136,7 +157,7 @@ def history(tmp_path_factory):
         cmd += ["-g", COMFY_GIT]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, f"harness rc {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-    return json.loads((work / "history.json").read_text())
+    return json.loads((work / "history.json").read_text()), ids
 
 
 def saved_latent(history, node_id):
@@ -148,19 +169,21 @@ def saved_latent(history, node_id):
 
 
 def test_every_node_is_registered(history):
-    registered = set(history["outputs"]["15"]["text"])
+    registered = set(history[0]["outputs"]["1"]["text"])
     assert {"SparseVDiTApplyStrategy", "SparseVDiTLoadStrategy", "SparseVDiTSaveStrategy",
             "SparseVDiTRetargetStrategy", "SparseVDiTStrategyInfo", "SparseVDiTCompare",
             "SparseVDiTSearch"} <= registered
 
 
-def test_all_dense_strategy_is_bit_identical_and_a_sparse_one_is_not(history):
-    dense, sparse, alldense = (saved_latent(history, n) for n in ("12", "13", "14"))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_all_dense_strategy_is_bit_identical_and_a_sparse_one_is_not(history, family):
+    outputs, ids = history[0], history[1][family]
+    dense, sparse, alldense = (saved_latent(outputs, ids[f"save_{k}"]) for k in ("dense", "sparse", "alldense"))
     assert dense.shape == (1, 16, 3, 6, 8) and torch.isfinite(sparse).all()
     assert torch.equal(alldense, dense)
     assert not torch.allclose(sparse, dense, atol=1e-4)
 
 
 def test_strategy_info_runs_inside_comfyui(history):
-    text = history["outputs"]["16"]["text"][0]
+    text = history[0]["outputs"]["2"]["text"][0]
     assert "3 layers x 2 heads" in text and "grid 3x3x4" in text

@@ -44,3 +44,76 @@ def tiny_wan_state(seed: int = 0) -> dict[str, torch.Tensor]:
     if set(markers) != set(reference):
         raise AssertionError(f"key map mismatch: {sorted(set(markers) ^ set(reference))[:6]}")
     return {original[int(v.item())]: reference[k].contiguous() for k, v in markers.items()}
+
+
+HUNYUAN_TINY = dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=128, num_layers=2,
+                    num_single_layers=2, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+                    qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+                    rope_theta=256.0, rope_axes_dim=(16, 56, 56))
+
+
+def _hunyuan_parts(d: dict) -> dict[str, tuple[str, ...]]:
+    """Original HunyuanVideo key -> the diffusers keys it is the concatenation of (dim 0)."""
+    parts: dict[str, tuple[str, ...]] = {}
+
+    def linear(orig: str, *diff: str) -> None:
+        for p in ("weight", "bias"):
+            parts[f"{orig}.{p}"] = tuple(f"{x}.{p}" for x in diff)
+
+    linear("img_in.proj", "x_embedder.proj")
+    for orig, diff in (("time_in.mlp.0", "timestep_embedder.linear_1"), ("time_in.mlp.2", "timestep_embedder.linear_2"),
+                       ("guidance_in.mlp.0", "guidance_embedder.linear_1"), ("guidance_in.mlp.2", "guidance_embedder.linear_2"),
+                       ("vector_in.in_layer", "text_embedder.linear_1"), ("vector_in.out_layer", "text_embedder.linear_2")):
+        linear(orig, f"time_text_embed.{diff}")
+    ctx = "context_embedder"
+    linear("txt_in.input_embedder", f"{ctx}.proj_in")
+    linear("txt_in.t_embedder.mlp.0", f"{ctx}.time_text_embed.timestep_embedder.linear_1")
+    linear("txt_in.t_embedder.mlp.2", f"{ctx}.time_text_embed.timestep_embedder.linear_2")
+    linear("txt_in.c_embedder.linear_1", f"{ctx}.time_text_embed.text_embedder.linear_1")
+    linear("txt_in.c_embedder.linear_2", f"{ctx}.time_text_embed.text_embedder.linear_2")
+    for i in range(d["num_refiner_layers"]):
+        o, n = f"txt_in.individual_token_refiner.blocks.{i}", f"{ctx}.token_refiner.refiner_blocks.{i}"
+        for a, b in (("norm1", "norm1"), ("norm2", "norm2"), ("self_attn_proj", "attn.to_out.0"),
+                     ("mlp.fc1", "ff.net.0.proj"), ("mlp.fc2", "ff.net.2"), ("adaLN_modulation.1", "norm_out.linear")):
+            linear(f"{o}.{a}", f"{n}.{b}")
+        linear(f"{o}.self_attn_qkv", *(f"{n}.attn.to_{x}" for x in "qkv"))
+    for i in range(d["num_layers"]):
+        o, n = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        for a, b in (("img_mod.linear", "norm1.linear"), ("img_attn_proj", "attn.to_out.0"), ("img_mlp.fc1", "ff.net.0.proj"),
+                     ("img_mlp.fc2", "ff.net.2"), ("txt_mod.linear", "norm1_context.linear"),
+                     ("txt_attn_proj", "attn.to_add_out"), ("txt_mlp.fc1", "ff_context.net.0.proj"),
+                     ("txt_mlp.fc2", "ff_context.net.2")):
+            linear(f"{o}.{a}", f"{n}.{b}")
+        linear(f"{o}.img_attn_qkv", *(f"{n}.attn.to_{x}" for x in "qkv"))
+        linear(f"{o}.txt_attn_qkv", *(f"{n}.attn.add_{x}_proj" for x in "qkv"))
+        for a, b in (("img_attn_q_norm", "norm_q"), ("img_attn_k_norm", "norm_k"),
+                     ("txt_attn_q_norm", "norm_added_q"), ("txt_attn_k_norm", "norm_added_k")):
+            parts[f"{o}.{a}.weight"] = (f"{n}.attn.{b}.weight",)
+    for i in range(d["num_single_layers"]):
+        o, n = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        linear(f"{o}.linear1", *(f"{n}.attn.to_{x}" for x in "qkv"), f"{n}.proj_mlp")
+        linear(f"{o}.linear2", f"{n}.proj_out")
+        linear(f"{o}.modulation.linear", f"{n}.norm.linear")
+        parts[f"{o}.q_norm.weight"] = (f"{n}.attn.norm_q.weight",)
+        parts[f"{o}.k_norm.weight"] = (f"{n}.attn.norm_k.weight",)
+    linear("final_layer.linear", "proj_out")
+    return parts
+
+
+def tiny_hunyuan_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random tiny HunyuanVideo T2V state dict in original key names, checked to round-trip
+    exactly through our adapters' key map."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = HunyuanVideoTransformer3DModel(**HUNYUAN_TINY)
+    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    original = {k: torch.cat([reference[p] for p in ps]).contiguous()
+                for k, ps in _hunyuan_parts(HUNYUAN_TINY).items()}
+    for p in ("weight", "bias"):  # diffusers stores (scale, shift), the original (shift, scale)
+        scale, shift = reference[f"norm_out.linear.{p}"].chunk(2)
+        original[f"final_layer.adaLN_modulation.1.{p}"] = torch.cat([shift, scale]).contiguous()
+    back = to_diffusers_keys("hunyuanvideo", {k: v.clone() for k, v in original.items()})
+    if set(back) != set(reference) or any(not torch.equal(back[k], reference[k]) for k in reference):
+        raise AssertionError(f"key map mismatch: {sorted(set(back) ^ set(reference))[:6]}")
+    return original
