@@ -154,8 +154,9 @@ def strip_prefix(state: dict) -> dict:
     return state
 
 
-def dequantise_scaled_fp8(state: dict) -> dict:
-    """ComfyUI "scaled fp8" -> float32 weights `w * scale_weight`; other quantised layouts are refused."""
+def dequantise_scaled_fp8(state: dict, dtype: torch.dtype = torch.float32) -> dict:
+    """ComfyUI "scaled fp8" -> weights `w * scale_weight` (computed in float32, stored as `dtype`);
+    other quantised layouts are refused."""
     if any(key.endswith(("weight_scale", "comfy_quant")) for key in state):
         raise LoadError("this file uses ComfyUI's mixed-precision quantisation (weight_scale / comfy_quant keys), "
                         "which is not supported; use an fp16, bf16, fp8 or scaled-fp8 file")
@@ -173,7 +174,7 @@ def dequantise_scaled_fp8(state: dict) -> dict:
         if scale.numel() != 1 and (scale.ndim != weight.ndim or any(s not in (1, w) for s, w in zip(scale.shape, weight.shape))):
             raise LoadError(f"scaled fp8: scale of {weight_key} has shape {tuple(scale.shape)}, which does not "
                             f"broadcast onto the weight {tuple(weight.shape)}; refusing rather than loading wrong weights")
-        out[weight_key] = weight.float() * (scale.reshape(()) if scale.numel() == 1 else scale)
+        out[weight_key] = (weight.float() * (scale.reshape(()) if scale.numel() == 1 else scale)).to(dtype)
     return out
 
 
@@ -258,7 +259,7 @@ def load_transformer(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu")
         return _load_folder(path, TRANSFORMER_CLASSES, "transformer", dtype, device)
     if not path.is_file():
         raise LoadError(f"{path}: no such file or folder")
-    state = dequantise_scaled_fp8(strip_prefix(read_safetensors(path)))
+    state = dequantise_scaled_fp8(strip_prefix(read_safetensors(path, device)), dtype)  # straight to the device
     family, original = detect_transformer_family(state)
     if original:
         state = to_diffusers_keys(family, state)
@@ -310,7 +311,7 @@ def load_vae(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Loade
         return _load_folder(path, VAE_CLASSES, "vae", dtype, device)
     if not path.is_file():
         raise LoadError(f"{path}: no such file or folder")
-    state = strip_prefix(read_safetensors(path))
+    state = strip_prefix(read_safetensors(path, device))
     family, original = detect_vae_family(state)
     if original:
         from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
