@@ -59,6 +59,7 @@ class Strategy:
         if len(edges) < 2 or any(a <= b for a, b in zip(edges, edges[1:])):
             raise ValueError(f"Strategy.sigma_edges must be strictly descending with at least 2 edges, got {edges}")
         set_("sigma_edges", edges)
+        set_("_negated_inner_edges", tuple(-e for e in edges[1:-1]))  # for bisect in bucket_of
         buckets = len(edges) - 1
         table = self.patterns
         if not isinstance(table, (tuple, list)) or len(table) != buckets:
@@ -123,9 +124,8 @@ class Strategy:
     def bucket_of(self, sigma: float) -> int:
         """The bucket whose (lower, upper] sigma range holds `sigma` (clamped to the first / last)."""
         sigma = _sigma("sigma", sigma, allow_inf=True)
-        # edges descend: count the inner edges >= sigma (bucket i's lower edge is edges[i+1])
-        inner = [-e for e in self.sigma_edges[1:-1]]
-        return bisect.bisect_right(inner, -sigma)
+        # edges descend: the bucket is the number of inner edges >= sigma
+        return bisect.bisect_right(self._negated_inner_edges, -sigma)
 
     def runs_dense(self, sigma: float, layer: int) -> bool:
         """True where the warm-up or a dense layer makes this call dense (patterns aside)."""
