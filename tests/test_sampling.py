@@ -166,6 +166,17 @@ def test_cogvideox_matches_pipeline_with_cfg_batch_of_two(kind):
     assert len(sigmas) == 3 and sigmas == sorted(sigmas, reverse=True) and 0 < sigmas[-1] < sigmas[0] <= 1
 
 
+def test_cogvideox_cfg1_runs_one_batch_1_forward_per_step():
+    model = tiny(CogVideoXTransformer3DModel, "cogvideox1.5-tiny", 0)
+    prompt = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(5))
+    recorder = Recorder()
+    with torch.no_grad():
+        runs = [sample_cogvideox(model, initial_noise((1, 4, 4, 6, 10), 2), prompt, steps=2, guidance=1.0,
+                                 controller=recorder) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1]) and torch.isfinite(runs[0]).all()
+    assert {c["shape"] for c in recorder.calls} == {(1, 2, 5 + 30, 16)} and len(recorder.calls) == 2 * 2 * 2
+
+
 def test_hunyuan_and_cogvideox_bad_inputs_raise():
     hy = tiny(HunyuanVideoTransformer3DModel, "hunyuanvideo-tiny", 0)
     cog = tiny(CogVideoXTransformer3DModel, "cogvideox1.5-tiny", 0)
