@@ -6,6 +6,8 @@ HunyuanVideo checkpoints go through UNETLoader -> Apply Strategy (reference kern
 -> KSampler next to an unpatched KSampler: an all-dense strategy must give the identical latent, a
 sparse one a different latent. A helper pack written here supplies random conditioning (no text
 encoder needed) and reports which of our node ids ComfyUI registered (what /object_info lists).
+The API-format example workflows also run, with the tiny models swapped in (random conditioning
+for the text encoders, latent-as-image for VAE Decode, 2 steps), the Search flow included.
 """
 
 import json
@@ -65,7 +67,24 @@ class SVTestRegistry:
         return {"ui": {"text": ids}}
 
 
-NODE_CLASS_MAPPINGS = {"SVTestConditioning": SVTestConditioning, "SVTestRegistry": SVTestRegistry}
+class SVTestLatentImage:
+    """Stands in for VAE Decode: latent channels 0..2 as RGB frames in [0, 1], 8x upscaled."""
+    CATEGORY = "testing"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}}
+
+    def run(self, samples):
+        x = samples["samples"][0, :3].float()  # [3, F, H, W]
+        x = torch.sigmoid(x).repeat_interleave(8, -1).repeat_interleave(8, -2)
+        return (x.permute(1, 2, 3, 0).contiguous(),)
+
+
+NODE_CLASS_MAPPINGS = {"SVTestConditioning": SVTestConditioning, "SVTestRegistry": SVTestRegistry,
+                       "SVTestLatentImage": SVTestLatentImage}
 '''
 
 
@@ -91,8 +110,8 @@ def write_strategies(folder):
                           os.path.join(folder, f"tiny_{family}_{name}.safetensors"))
 
 
-def family_nodes(family: str, base: int) -> dict:
-    """Loader, conditioning, latent, two strategies, three samplers, three SaveLatent nodes."""
+def family_nodes(family: str, base: int) -> tuple[dict, dict]:
+    """Loader, conditioning, latent, two strategies, three samplers, three SaveLatent nodes; and their ids."""
     ids = {name: str(base + i) for i, name in enumerate(
         ["unet", "pos", "neg", "latent", "sparse", "alldense", "apply_sparse", "apply_alldense",
          "ks_dense", "ks_sparse", "ks_alldense", "save_dense", "save_sparse", "save_alldense"])}
@@ -128,14 +147,50 @@ def workflow() -> tuple[dict, dict]:
     return prompt, ids
 
 
-@pytest.fixture(scope="module")
-def history(tmp_path_factory):
+def tiny_example(api: dict, family: str, offset: int) -> dict:
+    """An example API workflow with the tiny models swapped in: random conditioning for the text
+    encoders, latent-as-image for VAE Decode, a tiny size, 2 steps, the reference kernel."""
+    def ref(link):
+        return [str(offset + int(link[0])), link[1]] if isinstance(link, list) else link
+
+    out = {}
+    for node_id, node in api.items():
+        kind, inputs = node["class_type"], {k: ref(v) for k, v in node["inputs"].items()}
+        if kind in ("CLIPLoader", "DualCLIPLoader", "VAELoader"):
+            continue
+        if kind == "CLIPTextEncode":
+            kind, inputs = "SVTestConditioning", {"seed": int(node_id), "tokens": 8, "pooled": family == "hunyuan"}
+        elif kind == "VAEDecode":
+            kind, inputs = "SVTestLatentImage", {"samples": inputs["samples"]}
+        elif kind == "UNETLoader":
+            inputs["unet_name"] = f"tiny_{family}.safetensors"
+        elif kind == "EmptyHunyuanLatentVideo":
+            inputs.update(width=64, height=48, length=9)
+        elif kind in ("KSampler", "SparseVDiTSearch"):
+            inputs["steps"] = 2
+        if kind == "SparseVDiTLoadStrategy":
+            inputs["strategy_name"] = f"tiny_{family}_sparse.safetensors"
+        elif kind == "SparseVDiTApplyStrategy":
+            inputs["force_reference"] = True
+        elif kind == "SparseVDiTSearch":
+            inputs.update(filename_prefix=f"svtest/search_{offset}", resume=False)
+        elif kind == "SaveAnimatedWEBP":
+            inputs["filename_prefix"] = f"svtest/webp_{offset}"
+        out[str(offset + int(node_id))] = {"class_type": kind, "inputs": inputs}
+    return out
+
+
+EXAMPLES = ["wan21_t2v_sparse", "wan21_search_strategy", "wan21_compare_dense_sparse", "hunyuan_video_t2v_sparse"]
+
+
+def run_harness(work, prompt):
+    """POST ``prompt`` to a fresh harness-run ComfyUI with our pack, the helper pack and the tiny
+    models; returns the /history entry."""
     from safetensors.torch import save_file
 
     sys.path.insert(0, HERE)
     from tiny_models import tiny_hunyuan_state, tiny_wan_state
 
-    work = tmp_path_factory.mktemp("comfyui")
     models = work / "models"
     os.makedirs(models)
     save_file(tiny_wan_state(), str(models / "tiny_wan.safetensors"))
@@ -145,7 +200,6 @@ def history(tmp_path_factory):
     pack = work / "svtest_nodes"
     os.makedirs(pack)
     (pack / "__init__.py").write_text(textwrap.dedent(HELPER_PACK))
-    prompt, ids = workflow()
     (work / "workflow.api.json").write_text(json.dumps(prompt))
     env = dict(os.environ, COMFY_EXTRA_ARGS=f"--extra-model-paths-config {work / 'extra.yaml'}")
     env.pop("TRITON_INTERPRET", None)  # set by tests/conftest.py for our own CPU tests, not for ComfyUI
@@ -157,7 +211,22 @@ def history(tmp_path_factory):
         cmd += ["-g", COMFY_GIT]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, f"harness rc {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-    return json.loads((work / "history.json").read_text()), ids
+    return json.loads((work / "history.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    prompt = {}
+    for n, name in enumerate(EXAMPLES):
+        with open(os.path.join(ROOT, "example_workflows", "api", f"{name}.json")) as f:
+            prompt.update(tiny_example(json.load(f), "hunyuan" if "hunyuan" in name else "wan", 1000 * (n + 1)))
+    return run_harness(tmp_path_factory.mktemp("examples"), prompt)
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    prompt, ids = workflow()
+    return run_harness(tmp_path_factory.mktemp("comfyui"), prompt), ids
 
 
 def saved_latent(history, node_id):
@@ -187,3 +256,14 @@ def test_all_dense_strategy_is_bit_identical_and_a_sparse_one_is_not(history, fa
 def test_strategy_info_runs_inside_comfyui(history):
     text = history[0]["outputs"]["2"]["text"][0]
     assert "3 layers x 2 heads" in text and "grid 3x3x4" in text
+
+
+def test_api_example_workflows_run_with_tiny_models(examples):
+    assert examples["status"]["status_str"] == "success"
+    outputs = examples["outputs"]
+    search = outputs[str(2000 + 8)]["text"][0]  # wan21_search_strategy's Search node
+    assert search.startswith("saved models/sparse_strategies/svtest/search_2000_00001.safetensors")
+    for compare_id in (2000 + 15, 3000 + 14):  # the Compare nodes of the search and compare flows
+        assert "PSNR" in outputs[str(compare_id)]["text"][0]
+    assert outputs[str(1000 + 12)]["images"]  # the Wan T2V example's animated WEBP
+    assert outputs[str(4000 + 13)]["images"]  # the HunyuanVideo example's animated WEBP
