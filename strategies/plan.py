@@ -18,7 +18,7 @@ ROW_BASE into it.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -375,6 +375,7 @@ class LayerPlan:
     head_rules: torch.Tensor       # int32 [H, 16] on the device, ORDER and ROW_BASE filled in
     tile_density: float            # visited tiles / all tiles, over non-skip heads (0 if none)
     pool: TablePool
+    _tables: KernelTables | None = field(default=None, init=False, repr=False)
 
     @functools.cached_property
     def densities(self) -> tuple[float, ...]:
@@ -387,11 +388,13 @@ class LayerPlan:
 
     @property
     def tables(self) -> KernelTables:
-        """KernelTables over the pool's current tensors."""
-        row_ptr, runs = self.pool.tensors()
-        g = self.geometry
-        return KernelTables(self.head_rules, row_ptr, runs, g.prefix, g.frames, g.height, g.width,
-                            g.seq_len, self.pool.block_m, self.pool.block_n)
+        """KernelTables over the pool's current tensors (rebuilt only after the pool grew)."""
+        pool_tensors = self.pool.tensors()
+        if self._tables is None or self._tables.row_ptr is not pool_tensors[0]:
+            g = self.geometry
+            self._tables = KernelTables(self.head_rules, *pool_tensors, g.prefix, g.frames, g.height,
+                                        g.width, g.seq_len, self.pool.block_m, self.pool.block_n)
+        return self._tables
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "bhld",
             kv_len: torch.Tensor | None = None, backend: str = "triton", scale: float | None = None):
