@@ -59,13 +59,12 @@ class SiteProcessor:
         *,
         layout: str,
         dense: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-        geometry: VideoGeometry | None = None,
         kv_len: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the controller on q/k/v; on missing geometry, a length mismatch or a ValueError from
-        the controller, warn once and return `dense(q, k, v)`."""
+        """Run the controller on q/k/v with this forward's geometry; on missing geometry, a length
+        mismatch or a ValueError from the controller, warn once and return `dense(q, k, v)`."""
         ctx = self.context
-        geometry = geometry or ctx.geometry
+        geometry = ctx.geometry
         if geometry is None:
             ctx.warn_once("no-geometry", "sparse_vdit: no video geometry for this forward; attention runs dense")
             return dense(q, k, v)
