@@ -254,7 +254,7 @@ class SparseAttentionOverride:
             layout, qs, ks, vs = "bhld", q, k, v
         else:
             layout = "blhd"
-            qs, ks, vs = (t.view(batch, seq, heads, -1) for t in (q, k, v))
+            qs, ks, vs = (t.reshape(batch, seq, heads, -1) for t in (q, k, v))
 
         def dense(q_, k_, v_):
             # back to the caller's form, through the chain, then to the engine's layout

@@ -349,3 +349,12 @@ def test_sparse_output_equals_the_reference_engine():
         geometry=geom, layout="blhd", dense=dense)
     torch.testing.assert_close(out, ref.reshape(2, geom.seq_len, HEADS * HEAD_DIM))
     assert torch.count_nonzero(out.view(2, -1, HEADS, HEAD_DIM)[:, :, 1]) == 0  # the skip head
+
+
+def test_non_contiguous_inputs_are_accepted():
+    rec = Recorder()
+    override = ov.SparseAttentionOverride(rec, ov.FAMILIES["wan"], n_double=1)
+    q, k, v = (torch.randn(2, HEADS * HEAD_DIM, 24).transpose(1, 2) for _ in range(3))
+    assert not v.is_contiguous()
+    out = call(override, q, k, v, {"block_index": 0, ov.FORWARD_KEY: make_state()})
+    torch.testing.assert_close(out, expected_scaled_v(v.contiguous(), False, False))
