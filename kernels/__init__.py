@@ -19,6 +19,7 @@ __all__ = ["sparse_attention", "supports", "preferred_tiles", "KernelTables", "r
            "sparse_attention_reference", "tables_from_rules"]
 
 _LAYOUTS = ("bhld", "blhd")
+MAX_TRITON_SEQ_LEN = 1 << 22  # the kernel's fp32 index division is exact below this
 _BACKENDS = ("triton", "reference")
 
 
@@ -100,6 +101,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: 
     reason = supports(q)
     if reason is not None:
         raise ValueError(f"triton backend unavailable: {reason}")
+    if tables.seq_len >= MAX_TRITON_SEQ_LEN:
+        raise ValueError(f"sequence length {tables.seq_len} exceeds the Triton kernel's {MAX_TRITON_SEQ_LEN}")
     from .triton_attention import triton_sparse_attention
 
     return triton_sparse_attention(q, k, v, tables, layout, kv_len, scale)

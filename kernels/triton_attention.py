@@ -64,31 +64,29 @@ def _autotune_configs() -> list:
 
 
 @triton.jit
-def _to_logical(p, order, prefix, F, P, N):
+def _divmod(x, d, inv_d):
+    """(x // d, x % d) for 0 <= x < 2**22 and d > 0 through fp32: (x + 0.5) / d stays 0.5 / d away
+    from an integer, far more than the rounding error, so the result is exact (a hardware
+    integer division by a runtime value costs ~20 instructions)."""
+    q = ((x.to(tl.float32) + 0.5) * inv_d).to(tl.int32)
+    return q, x - q * d
+
+
+@triton.jit
+def _to_logical(p, order, prefix, F, P, N, inv_F):
     """Physical positions -> logical token indices (space-major heads permute the grid)."""
     g = p - prefix
     on_grid = (g >= 0) & (g < N)
-    gs = tl.where(on_grid, g, 0)
-    space_major = prefix + (gs % F) * P + gs // F
-    return tl.where(on_grid & (order == 1), space_major, p)
+    s, f = _divmod(tl.where(on_grid, g, 0), F, inv_F)
+    return tl.where(on_grid & (order == 1), prefix + f * P + s, p)
 
 
 @triton.jit
-def _grid_coords(idx, prefix, P, W, N):
-    """Logical indices -> (g, on_grid, f, s, y, x); coordinates are 0 off the grid."""
-    g = idx - prefix
-    on_grid = (g >= 0) & (g < N)
-    gs = tl.where(on_grid, g, 0)
-    f = gs // P
-    s = gs % P
-    return g, on_grid, f, s, s // W, s % W
-
-
-@triton.jit
-def _rule_tile(rule, lq, lk, prefix, P, W, N):
-    """The exact rule of kernels/rule.py (row at `rule`) on one [BLOCK_M, BLOCK_N] tile."""
-    gq, q_grid, fq, sq, yq, xq = _grid_coords(lq, prefix, P, W, N)
-    gk, k_grid, fk, sk, yk, xk = _grid_coords(lk, prefix, P, W, N)
+def _rule_tile(rule, lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N, inv_P, inv_W):
+    """The exact rule of kernels/rule.py (row at `rule`) on one [BLOCK_M, BLOCK_N] tile; the query
+    coordinates come precomputed, key coordinates are derived only for the enabled components."""
+    gk = lk - prefix
+    k_grid = (gk >= 0) & (gk < N)
     n_cols = tl.load(rule + 9)
     key_always = (gk < tl.load(rule + 8)) | (k_grid == 0)
     key_always = key_always | ((n_cols > 0) & (gk >= tl.load(rule + 10)) & (gk < tl.load(rule + 11)))
@@ -99,34 +97,36 @@ def _rule_tile(rule, lq, lk, prefix, P, W, N):
     if diag >= 0:
         allowed = allowed | (tl.abs(gq[:, None] - gk[None, :]) <= diag)
     md_s = tl.load(rule + 3)
-    if md_s >= 0:
-        allowed = allowed | ((tl.abs(sq[:, None] - sk[None, :]) <= md_s)
-                             & (tl.abs(fq[:, None] - fk[None, :]) <= tl.load(rule + 4)))
     win_f = tl.load(rule + 5)
-    if win_f >= 0:
-        allowed = allowed | ((tl.abs(fq[:, None] - fk[None, :]) <= win_f)
-                             & (tl.abs(yq[:, None] - yk[None, :]) <= tl.load(rule + 6))
-                             & (tl.abs(xq[:, None] - xk[None, :]) <= tl.load(rule + 7)))
+    if (md_s >= 0) | (win_f >= 0):
+        fk, sk = _divmod(tl.where(k_grid, gk, 0), P, inv_P)
+        df = tl.abs(fq[:, None] - fk[None, :])
+        if md_s >= 0:
+            allowed = allowed | ((tl.abs(sq[:, None] - sk[None, :]) <= md_s) & (df <= tl.load(rule + 4)))
+        if win_f >= 0:
+            yk, xk = _divmod(sk, W, inv_W)
+            allowed = allowed | ((df <= win_f) & (tl.abs(yq[:, None] - yk[None, :]) <= tl.load(rule + 6))
+                                 & (tl.abs(xq[:, None] - xk[None, :]) <= tl.load(rule + 7)))
     return allowed
 
 
 @triton.jit
-def _attend_tiles(acc, m_i, l_i, q, lq, kt_lo, kt_hi, k_base, v_base, stride_kl, stride_vl, rule,
-                  order, prefix, P, W, F, N, L, kv_end, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  PRECISION: tl.constexpr):
+def _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, kt_hi, k_base, v_base,
+                  stride_kl, stride_vl, rule, order, prefix, F, P, W, N, L, kv_end, qk_scale,
+                  inv_F, inv_P, inv_W, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """Online-softmax update over k-tiles [kt_lo, kt_hi); MASKED evaluates the rule and kv_len."""
     offs_d = tl.arange(0, HEAD_DIM)
     for kt in range(kt_lo, kt_hi):
         offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-        lk = _to_logical(offs_n, order, prefix, F, P, N)
+        lk = _to_logical(offs_n, order, prefix, F, P, N, inv_F)
         k_valid = offs_n < L
         k = tl.load(k_base + lk.to(tl.int64)[:, None] * stride_kl + offs_d[None, :],
                     mask=k_valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
-            allowed = _rule_tile(rule, lq, lk, prefix, P, W, N) & (lk < kv_end)[None, :]
-            s = tl.where(allowed, s, float("-inf"))
+            allowed = _rule_tile(rule, lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N, inv_P, inv_W)
+            s = tl.where(allowed & (lk < kv_end)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -148,7 +148,7 @@ def _sparse_attention_fwd(
     Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
-    n_active, L, prefix, F, W, P, N, qk_scale, work_bucket,
+    n_active, L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale, work_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -171,10 +171,14 @@ def _sparse_attention_fwd(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    lq = _to_logical(offs_m, order, prefix, F, P, N)
+    lq = _to_logical(offs_m, order, prefix, F, P, N, inv_F)
     q_valid = offs_m < L
     q_ptrs = Q + b * stride_qb + h * stride_qh + lq.to(tl.int64)[:, None] * stride_ql + offs_d[None, :]
     q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
+    gq = lq - prefix
+    q_grid = (gq >= 0) & (gq < N)
+    fq, sq = _divmod(tl.where(q_grid, gq, 0), P, inv_P)
+    yq, xq = _divmod(sq, W, inv_W)
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -190,11 +194,13 @@ def _sparse_attention_fwd(
         full = tl.load(RUNS + 3 * r + 2)
         # full tiles before the cut need no mask; partial tiles and the rest do
         split = tl.where(full != 0, tl.maximum(kt_lo, tl.minimum(kt_hi, first_cut_tile)), kt_lo)
-        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, kt_lo, split, k_base, v_base, stride_kl,
-                                      stride_vl, rule, order, prefix, P, W, F, N, L, kv_end, qk_scale,
+        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, split,
+                                      k_base, v_base, stride_kl, stride_vl, rule, order, prefix, F, P, W,
+                                      N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
                                       HEAD_DIM, BLOCK_N, False, PRECISION)
-        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, split, kt_hi, k_base, v_base, stride_kl,
-                                      stride_vl, rule, order, prefix, P, W, F, N, L, kv_end, qk_scale,
+        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, split, kt_hi,
+                                      k_base, v_base, stride_kl, stride_vl, rule, order, prefix, F, P, W,
+                                      N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
                                       HEAD_DIM, BLOCK_N, True, PRECISION)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -230,7 +236,8 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         kv_len if kv_len is not None else head_rules,
         qb.stride(0), qb.stride(1), qb.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
         vb.stride(0), vb.stride(1), vb.stride(2), ob.stride(0), ob.stride(1), ob.stride(2),
-        n_active, L, prefix, frames, width, P, frames * P, scale * _LOG2E,
+        n_active, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
+        scale * _LOG2E,
         (grid[0] * grid[1]).bit_length(),
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
         PRECISION=precision,

@@ -6,11 +6,13 @@ import random
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from sparse_vdit.kernels import (KernelTables, rule_mask, sparse_attention, sparse_attention_reference,
                                  supports, tables_from_rules)
 from sparse_vdit.kernels import rule as R
-from sparse_vdit.kernels.triton_attention import launch_sparse_attention
+from sparse_vdit.kernels.triton_attention import _divmod, launch_sparse_attention
 
 
 def make_rule(order=0, diag=-1, md=None, win=None, stripe=0, cols=()):
@@ -291,3 +293,22 @@ def test_supports_names_the_reason():
     assert supports(torch.randn(1, 1, 4, 64)) is None  # float32 under the CPU interpreter
     assert "dtype" in supports(torch.randn(1, 1, 4, 64, dtype=torch.float64))
     assert "head_dim" in supports(torch.randn(1, 1, 4, 80))
+
+
+@triton.jit
+def _divmod_kernel(X, Q, R, d, inv_d, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    q, r = _divmod(tl.load(X + offs), d, inv_d)
+    tl.store(Q + offs, q)
+    tl.store(R + offs, r)
+
+
+@pytest.mark.parametrize("d", [1, 3, 41, 52, 85, 3600, 4080, 8191])  # 41: x * (1/d) alone is off
+def test_kernel_index_division_is_exact(d):
+    # the kernel divides indices in fp32; check every multiple of d and its neighbours up to 2**22
+    mult = torch.arange(0, (1 << 22) // d + 1, max(1, (1 << 22) // d // 4000), dtype=torch.int64) * d
+    x = torch.cat([mult - 1, mult, mult + 1, torch.randint(0, 1 << 22, (4096,))]).clamp(0, (1 << 22) - 1)
+    x = torch.nn.functional.pad(x, (0, -len(x) % 1024)).to(torch.int32)
+    q, r = torch.empty_like(x), torch.empty_like(x)
+    _divmod_kernel[(len(x) // 1024,)](x, q, r, d, 1.0 / d, BLOCK=1024)
+    assert torch.equal(q, x // d) and torch.equal(r, x % d)
