@@ -407,20 +407,16 @@ class LayerPlan:
 def _compile(patterns: tuple[Pattern, ...], geom: VideoGeometry, block_m: int, block_n: int,
              device: torch.device) -> LayerPlan:
     pool = table_pool(geom, block_m, block_n, device)
-    rules, visited, active = [], 0, 0
-    by_pattern: dict[Pattern, list[int]] = {}
+    compiled: dict[Pattern, tuple[list[int], int]] = {}  # pattern -> (rule, visited tiles)
     for p in patterns:
-        if p not in by_pattern:
-            rule = p.head_rule(geom)
+        if p not in compiled:
+            rule, tiles = p.head_rule(geom), 0
             if rule[R.ORDER] != R.SKIP_HEAD:
                 rule[R.ORDER], rule[R.ROW_BASE], tiles = pool.add(rule)
-                rule.append(tiles)
-            by_pattern[p] = rule
-        rule = by_pattern[p]
-        rules.append(rule[:R.RULE_INTS])
-        if rule[R.ORDER] != R.SKIP_HEAD:
-            visited += rule[R.RULE_INTS]
-            active += 1
+            compiled[p] = (rule, tiles)
+    rules = [compiled[p][0] for p in patterns]
+    visited = sum(compiled[p][1] for p in patterns)
+    active = sum(r[R.ORDER] != R.SKIP_HEAD for r in rules)
     nq, nk = _cdiv(geom.seq_len, block_m), _cdiv(geom.seq_len, block_n)
     head_rules = torch.tensor(rules, dtype=torch.int32).to(device)
     return LayerPlan(geom, patterns, head_rules, visited / (active * nq * nk) if active else 0.0, pool)
