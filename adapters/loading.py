@@ -323,7 +323,7 @@ def load_vae(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Loade
 
 
 def decode_video(vae: torch.nn.Module, latents: torch.Tensor, family: str, *, tiled: bool = True) -> torch.Tensor:
-    """Sampled latents -> frames `[B, 3, F, H, W]` in [-1, 1], undoing the family's latent
+    """Sampled latents -> frames `[B, 3, F, H, W]`, nominally in [-1, 1] (not clamped), undoing the family's latent
     normalisation (Wan mean/std, HunyuanVideo and CogVideoX scaling factor; CogVideoX latents are
     `[B, F, C, H, W]`). `tiled` decodes in overlapping tiles to bound memory."""
     if tiled:
