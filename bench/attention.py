@@ -183,7 +183,7 @@ def mixed_layer(heads: int, geom: VideoGeometry) -> tuple:
 
 
 def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", dtype=torch.bfloat16,
-                use_flex: bool = True) -> None:
+                use_flex: bool = True, baselines=("cudnn", "flash", "sage")) -> None:
     """Time and check every variant at one (label, geometry, heads, head_dim); rows appended."""
     label, geom, H, D = shape
     L = geom.seq_len
@@ -205,6 +205,8 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     dense_ref = None
     for name, backend in (("cuDNN SDPA", SDPBackend.CUDNN_ATTENTION), ("flash SDPA", SDPBackend.FLASH_ATTENTION)):
+        if name.split()[0].lower() not in baselines:
+            continue
         try:
             with sdpa_kernel(backend):
                 out = sdpa(q, k, v)
@@ -214,6 +216,8 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
         except Exception as e:  # a backend missing on this build is reported, not fatal
             add(name, None, 1.0, note=f"failed: {type(e).__name__}: {e}"[:200])
     try:
+        if "sage" not in baselines:
+            raise ImportError("not asked for")
         from sageattention import sageattn
 
         out = sageattn(q, k, v, tensor_layout="HND", is_causal=False)
@@ -293,6 +297,7 @@ def main(argv=None) -> None:
     ap.add_argument("--densities", default="0.05,0.15,0.3,0.5")
     ap.add_argument("--tiles", default="", help="e.g. 128x64,128x128 (default: preferred_tiles)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--baselines", default="cudnn,flash,sage", help="dense baselines to time")
     ap.add_argument("--flex-shapes", default=None,
                     help="shapes that get the FlexAttention column (default: all; '' for none)")
     args = ap.parse_args(argv)
@@ -318,7 +323,8 @@ def main(argv=None) -> None:
                  else [preferred_tiles(D, "cuda")])
         try:
             use_flex = args.flex_shapes is None or key in args.flex_shapes.split(",")
-            bench_shape(SHAPES[key], densities, tiles, rows, log, use_flex=use_flex)
+            bench_shape(SHAPES[key], densities, tiles, rows, log, use_flex=use_flex,
+                        baselines=args.baselines.split(","))
         except Exception:
             log(traceback.format_exc())
         with open(os.path.join(args.out, "attention_rows.json"), "w") as fh:

@@ -60,7 +60,7 @@ def preferred_tiles(head_dim: int, device=None) -> tuple[int, int]:
 def _autotune_configs() -> list:
     if _INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 2), (8, 3), (4, 3))]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 2), (8, 3), (8, 4), (4, 3))]
 
 
 @triton.jit
