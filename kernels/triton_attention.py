@@ -58,9 +58,14 @@ def preferred_tiles(head_dim: int, device=None) -> tuple[int, int]:
 
 
 def _autotune_configs() -> list:
+    """Warps x stages to tune over; SPARSE_VDIT_TRITON_CONFIGS="8x3,8x2" narrows the list."""
     if _INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 2), (8, 3), (8, 4), (4, 3))]
+    pairs = ((8, 2), (8, 3), (8, 4), (4, 3))
+    chosen = os.environ.get("SPARSE_VDIT_TRITON_CONFIGS")
+    if chosen:
+        pairs = tuple(tuple(int(x) for x in c.split("x")) for c in chosen.split(","))
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in pairs]
 
 
 @triton.jit
