@@ -331,11 +331,16 @@ def candidate_errors(q, k, v, rows, masks, *, layout: str, kv_len=None, skip=Non
         s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
         row_ok = (rows.view(1, -1) < lens).view(B, 1, -1, 1)
 
-    def attend(scores):
-        return torch.matmul(torch.softmax(scores, -1), vf).nan_to_num(0.0) * row_ok
-
+    # one exp for all candidates: a candidate's output is (p * mask) @ v / sum(p * mask), with p the
+    # row-max-shifted exponentials of the dense scores
     vf = v.float()
-    ref = attend(s)  # [B, H, R, D]
+    p = torch.exp(s - s.amax(-1, keepdim=True))  # [B, H, R, L]; rows of padding give NaN, cleared below
+
+    def attend(weights):
+        total = weights.sum(-1, keepdim=True)
+        return (torch.matmul(weights, vf) / total).nan_to_num(0.0) * row_ok, total
+
+    ref, _ = attend(p)  # [B, H, R, D]
     den = ref.pow(2).sum()
     C = masks.shape[0]
     num = torch.zeros(H, C, dtype=torch.float64, device=s.device)
@@ -347,8 +352,12 @@ def candidate_errors(q, k, v, rows, masks, *, layout: str, kv_len=None, skip=Non
     group = max(1, GROUP_ELEMENTS // s.numel())  # candidates evaluated together, bounded memory
     for start in range(0, len(computed), group):
         cs = computed[start:start + group]
-        scores = s.unsqueeze(0).masked_fill(~masks[cs][:, None, None], float("-inf"))  # [G, B, H, R, L]
-        num[:, cs] = (attend(scores) - ref).pow(2).sum((1, 3, 4)).T.double()
+        out, total = attend(p.unsqueeze(0) * masks[cs][:, None, None])  # [G, B, H, R, D]
+        lost = (total == 0) & row_ok  # every attended key underflowed against the row max: exact path
+        if bool(lost.any()):
+            exact = torch.softmax(s.unsqueeze(0).masked_fill(~masks[cs][:, None, None], float("-inf")), -1)
+            out = torch.where(lost, torch.matmul(exact, vf).nan_to_num(0.0), out)
+        num[:, cs] = (out - ref).pow(2).sum((1, 3, 4)).T.double()
     return num, den.double()
 
 

@@ -22,7 +22,7 @@ import torch
 from .patterns import Dense
 from .strategy import Strategy
 
-BISECTION_STEPS = 64
+LAM_PRECISION = 1e-7  # in decades of lam: far finer than any change of choice
 
 
 @dataclass(frozen=True)
@@ -85,36 +85,54 @@ def select(candidates, errors: torch.Tensor, cost: torch.Tensor, step_weights: t
     dense_time = float(n.sum()) * L * float(dense_layer)
 
     forced = torch.zeros(B, L, dtype=torch.bool)
+    # weighted error per forward, float32: one fused add + argmin per lam keeps a 1M-entry table fast
+    weighted_err = torch.where(unusable, math.inf, w_fwd.view(B, 1, 1, 1) * err).float()
+    cost_row = cst.float().view(1, 1, 1, C)
+
+    # choices only change where lam = (cost gap) / (weighted-error gap): bracket log10(lam) by the
+    # table's extremes, then bisect to LAM_PRECISION decades
+    finite = weighted_err[torch.isfinite(weighted_err) & (weighted_err > 0)]
+    gaps = cst.unique().diff()
+    if finite.numel() and gaps.numel():
+        lam_range = (math.log10(float(gaps.min()) / float(finite.max())) - 1.0,
+                     math.log10(float(gaps.max()) / float(finite.min())) + 1.0)
+    else:  # one cost or no error at all: every lam picks the same
+        lam_range = (0.0, 1.0)
+    steps = max(1, math.ceil(math.log2((lam_range[1] - lam_range[0]) / LAM_PRECISION)))
 
     def pick(lam: float) -> torch.Tensor:
-        score = cst.view(1, 1, 1, C) + lam * w_fwd.view(B, 1, 1, 1) * err
-        choice = score.argmin(-1)
-        choice[forced] = dense_idx
+        choice = torch.add(cost_row, weighted_err, alpha=lam).argmin(-1)
+        if forced.any():
+            choice[forced] = dense_idx
         return choice
 
-    def evaluate(choice: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-        c = cst[choice]                                      # [B, L, H]
-        layer_t = c.sum(-1)
-        all_dense = (choice == dense_idx).all(-1)
+    def time_of(choice: torch.Tensor) -> float:
+        layer_t = torch.take(cst, choice).sum(-1)            # [B, L]
         # an all-dense layer runs the model's SDPA; otherwise one kernel launch runs the heads
-        layer_t = torch.where(all_dense, torch.full_like(layer_t, float(dense_layer)), layer_t)
-        time = float((layer_t.sum(-1) * n).sum())
-        e = torch.gather(err, -1, choice.unsqueeze(-1)).squeeze(-1)  # [B, L, H]
-        weighted = e * (w_fwd * n).view(B, 1, 1)
-        return time, float(weighted.sum()), weighted
+        layer_t = torch.where((choice == dense_idx).all(-1), float(dense_layer), layer_t)
+        return float((layer_t.sum(-1) * n).sum())
+
+    def weighted_of(choice: torch.Tensor) -> torch.Tensor:
+        """Weighted error of each (bucket, layer, head) over the run."""
+        e = torch.gather(weighted_err, -1, choice.unsqueeze(-1)).squeeze(-1).double()
+        return e * n.view(B, 1, 1)
+
+    def evaluate(choice: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+        weighted = weighted_of(choice)
+        return time_of(choice), float(weighted.sum()), weighted
 
     def solve() -> tuple[float, torch.Tensor]:
         # time(lam) and error(lam) are monotone: bigger lam = more accurate, slower
-        lo, hi = -40.0, 40.0  # log10 range of lam
+        lo, hi = lam_range
         ok_hi = None
-        for _ in range(BISECTION_STEPS):
+        for _ in range(steps):
             mid = 0.5 * (lo + hi)
-            t, e, _ = evaluate(pick(10.0 ** mid))
+            choice = pick(10.0 ** mid)
             if target_speedup is not None:
-                good = t * target_speedup <= dense_time * (1 + 1e-12)
+                good = time_of(choice) * target_speedup <= dense_time * (1 + 1e-12)
                 lo, hi = (mid, hi) if good else (lo, mid)   # largest lam meeting the time
             else:
-                good = e <= error_budget * (1 + 1e-12)
+                good = float(weighted_of(choice).sum()) <= error_budget * (1 + 1e-12)
                 lo, hi = (lo, mid) if good else (mid, hi)   # smallest lam meeting the error
             if good:
                 ok_hi = mid
@@ -123,7 +141,7 @@ def select(candidates, errors: torch.Tensor, cost: torch.Tensor, step_weights: t
         return lam, pick(lam)
 
     def meets(choice: torch.Tensor) -> bool:
-        return target_speedup is None or evaluate(choice)[0] * target_speedup <= dense_time * (1 + 1e-12)
+        return target_speedup is None or time_of(choice) * target_speedup <= dense_time * (1 + 1e-12)
 
     def try_force(rows, cols) -> bool:
         """Force (rows, cols) dense and re-solve; keep it only if the budget is still met."""

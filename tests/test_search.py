@@ -92,10 +92,12 @@ def test_candidate_set_is_stated():
     assert len(set(cands)) == len(cands)
 
 
-def test_candidate_errors_match_float64():
+@pytest.mark.parametrize("spread", [1.0, 30.0])  # 30: logits so spread that masked rows underflow
+def test_candidate_errors_match_float64(spread):
     gen = torch.Generator().manual_seed(1)
     B, H, L = 2, 3, GEOM.seq_len
     q, k, v = (torch.randn(B, L, H, 16, generator=gen) for _ in range(3))
+    q = q * spread
     cands = candidate_set(GEOM, (0.1, 0.3))
     rows = torch.tensor([0, 5, 33, 71])
     masks = torch.stack([p.token_mask(GEOM, rows) for p in cands])
