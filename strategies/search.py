@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..kernels.rule import rule_mask
 from .cost import CostModel
 from .file import SearchRecord
 from .geometry import VideoGeometry
@@ -256,8 +257,12 @@ class SearchController:
             starts = torch.arange(R, dtype=torch.float64) * L / R
             offs = torch.rand(R, generator=gen, dtype=torch.float64) * (L / R)
             rows = torch.unique((starts + offs).floor().long().clamp(0, L - 1))
-            masks = torch.stack([p.token_mask(geometry, rows) for p in self._candidates]).to(device)
-            self._masks[key] = (rows.to(device), masks)
+            rules = torch.tensor([p.head_rule(geometry) for p in self._candidates], device=device)
+            rows = rows.to(device)
+            # the kernels' own rule (the exact function every backend computes), built on the device
+            masks = rule_mask(rules, geometry.prefix, geometry.frames, geometry.height, geometry.width,
+                              rows, torch.arange(L, device=device))
+            self._masks[key] = (rows, masks)
         return self._masks[key]
 
     # ---------------------------------------------------------------------------- the call site
