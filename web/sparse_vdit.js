@@ -67,13 +67,25 @@ function drawHeatmap(node, ctx) {
   ctx.restore();
 }
 
+// The frontend's colour palette rewrites the per-type colours after start-up (unknown types get
+// ""), so the colour is set again whenever nodes are created or a graph is loaded.
+function applySocketColour() {
+  const byType = app.canvas?.default_connection_color_byType;
+  if (byType) byType[STRATEGY_TYPE] = SOCKET_COLOUR;
+  const linkColours = globalThis.LGraphCanvas?.link_type_colors;
+  if (linkColours) linkColours[STRATEGY_TYPE] = SOCKET_COLOUR;
+}
+
 app.registerExtension({
   name: "SparseVDiT.StrategyViewer",
   async setup() {
-    const byType = app.canvas?.default_connection_color_byType;
-    if (byType) byType[STRATEGY_TYPE] = SOCKET_COLOUR;
-    const linkColours = globalThis.LGraphCanvas?.link_type_colors;
-    if (linkColours) linkColours[STRATEGY_TYPE] = SOCKET_COLOUR;
+    applySocketColour();
+  },
+  nodeCreated() {
+    applySocketColour();
+  },
+  afterConfigureGraph() {
+    applySocketColour();
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== LOAD_NODE && nodeData.name !== SAVE_NODE) return;
