@@ -54,12 +54,14 @@ class SparseEngine:
         self._routes: dict[tuple, str | None] = {}   # (device, dtype, head_dim) -> backend or None
         self._warned: set[str] = set()
 
+    @torch.compiler.disable
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, sigma: float,
                   geometry: VideoGeometry, layout: str, dense: Callable, kv_len: torch.Tensor | None = None):
         """Attention output of one layer's call, in q's layout and dtype.
 
         Raises ValueError on input that does not fit the strategy or geometry (call sites turn it
-        into a dense fallback with one warning).
+        into a dense fallback with one warning). torch.compile runs this method eagerly (a graph
+        break): its routing depends on sigma and layer, which would otherwise recompile per step.
         """
         self._check(q, k, v, layer, sigma, geometry, layout)
         if self.strategy.runs_dense(sigma, layer):

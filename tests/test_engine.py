@@ -155,3 +155,18 @@ def test_documented_api_example_runs(capsys):
     for code in blocks:
         exec(compile(code, "docs/api.md", "exec"), {})
     assert "tile density" in capsys.readouterr().out
+
+
+def test_attention_under_torch_compile_follows_sigma():
+    eng = SparseEngine(strategy(dense_above_sigma=2.0), backend="reference")
+    q, k, v = qkv(seed=5)
+    dense = sdpa_dense("bhld")
+
+    def block(q, k, v, sigma):
+        return eng.attention(q, k, v, layer=0, sigma=sigma, geometry=GEOM, layout="bhld", dense=dense) + 1
+
+    compiled = torch.compile(block, backend="eager")
+    for sigma, heads in ((3.0, None), (0.9, HEAD0), (0.2, HEAD1)):
+        out = compiled(q, k, v, sigma) - 1
+        expected = dense(q, k, v).double() if heads is None else oracle(q, k, v, heads, GEOM, None, "bhld")
+        assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5)
