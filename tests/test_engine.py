@@ -112,7 +112,7 @@ def test_force_reference_runs_the_reference_instead_of_dense():
     (dict(geometry=VideoGeometry(3, 4, 5)), "sequence length 65.*60 tokens"), (dict(geometry=(3, 4, 5)), "VideoGeometry"),
     (dict(layout="bshd"), "layout"), (dict(sigma=float("nan")), "sigma"), (dict(sigma="0.5"), "sigma"),
     (dict(heads=4), "4 heads"), (dict(k_len=60), "k shape"), (dict(v_dtype=torch.float64), "v dtype"),
-    (dict(q_dim=3), "4-D"),
+    (dict(q_dim=3), "4-D"), (dict(k_device="meta"), "k is on meta"),
 ])
 def test_bad_input_raises_value_error_naming_the_mismatch(change, match):
     eng = SparseEngine(strategy(), backend="reference")
@@ -123,6 +123,8 @@ def test_bad_input_raises_value_error_naming_the_mismatch(change, match):
         v = v.to(change["v_dtype"])
     if "q_dim" in change:
         q = q[0]
+    if "k_device" in change:
+        k = k.to(change["k_device"])
     kwargs = dict(layer=0, sigma=0.3, geometry=GEOM, layout="bhld", dense=Recorder())
     kwargs.update({key: val for key, val in change.items() if key in kwargs})
     with pytest.raises(ValueError, match=match):
