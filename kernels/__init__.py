@@ -37,9 +37,11 @@ def supports(q: torch.Tensor) -> Optional[str]:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if q.device.type != "cuda" and not (interpret and q.device.type == "cpu"):
         return f"device {q.device} is not a CUDA GPU"
-    allowed = (torch.float16, torch.bfloat16) + ((torch.float32,) if interpret else ())
+    # Triton's CPU interpreter computes bfloat16 wrongly; it gets float16 and float32 instead
+    allowed = (torch.float16, torch.float32) if interpret else (torch.float16, torch.bfloat16)
     if q.dtype not in allowed:
-        return f"dtype {q.dtype} is not supported (float16/bfloat16)"
+        names = "/".join(str(d).replace("torch.", "") for d in allowed)
+        return f"dtype {q.dtype} is not supported ({names}{' under TRITON_INTERPRET' if interpret else ''})"
     if q.shape[-1] not in (64, 128):
         return f"head_dim {q.shape[-1]} is not supported (64 or 128)"
     try:

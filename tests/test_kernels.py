@@ -293,6 +293,7 @@ def test_supports_names_the_reason():
     assert supports(torch.randn(1, 1, 4, 64)) is None  # float32 under the CPU interpreter
     assert "dtype" in supports(torch.randn(1, 1, 4, 64, dtype=torch.float64))
     assert "head_dim" in supports(torch.randn(1, 1, 4, 80))
+    assert "bfloat16" in supports(torch.randn(1, 1, 4, 64, dtype=torch.bfloat16))  # interpreter only
 
 
 @triton.jit
@@ -312,3 +313,34 @@ def test_kernel_index_division_is_exact(d):
     q, r = torch.empty_like(x), torch.empty_like(x)
     _divmod_kernel[(len(x) // 1024,)](x, q, r, d, 1.0 / d, BLOCK=1024)
     assert torch.equal(q, x // d) and torch.equal(r, x % d)
+
+
+def test_custom_op_traces_without_graph_break():
+    tables = tables_from_rules([make_rule(diag=3), make_rule(order=R.SKIP_HEAD)], 1, 2, 3, 4, 27, 16, 16)
+    q, k, v = _inputs()
+    compiled = torch.compile(lambda q, k, v: sparse_attention(q, k, v, tables) * 2, fullgraph=True,
+                             backend="eager")
+    assert torch.equal(compiled(q, k, v), sparse_attention(q, k, v, tables) * 2)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        active, skip = tables.head_split()
+        out = torch.ops.sparse_vdit.sparse_attention(
+            fq, fk, fv, *(mode.from_tensor(t) for t in (tables.head_rules, tables.row_ptr, tables.runs,
+                                                         active, skip)),
+            None, [1, 2, 3, 4], 16, 16, "bhld", 0.125)
+    assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def test_half_precision_inputs():
+    dtype = torch.float16  # bfloat16 is checked on the GPU (tests/gpu): the interpreter gets it wrong
+    prefix, F, H, W = 2, 2, 4, 5
+    L = prefix + F * H * W
+    rules = [make_rule(order=1, md=(2, 1)), make_rule(diag=7)]
+    tables = tables_from_rules(rules, prefix, F, H, W, L, 16, 16)
+    q, k, v = (torch.randn(1, 2, L, 64).to(dtype) for _ in range(3))
+    want = float64_attention(q, k, v, rules, (prefix, F, H, W), "bhld", None, 0.125)
+    for backend in ("triton", "reference"):
+        out = sparse_attention(q, k, v, tables, backend=backend)
+        assert out.dtype == dtype and rel_err(out, want) <= 1e-2
