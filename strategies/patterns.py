@@ -216,7 +216,7 @@ class Diagonal(Pattern):
 
     @property
     def label(self):
-        return f"diag ±{self.width:g}f"
+        return f"diag ±{self.width:.3g}f"
 
 
 @dataclass(frozen=True)
@@ -409,7 +409,7 @@ class VerticalStripe(Pattern):
     @property
     def label(self):
         cols = f" +{len(self.columns)} cols" if self.columns else ""
-        return f"stripe {self.first_frames:g}f{cols}"
+        return f"stripe {self.first_frames:.3g}f{cols}"
 
 
 _PRIMITIVES = (Dense, Diagonal, MultiDiagonal, LocalWindow, VerticalStripe)
