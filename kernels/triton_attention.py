@@ -9,6 +9,7 @@ output slice is zero-filled. Registered as the custom op `torch.ops.sparse_vdit.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -236,17 +237,18 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         return
     grid = (triton.cdiv(L, block_m), B * n_active)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    _sparse_attention_fwd[grid](
-        qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads,
-        kv_len if kv_len is not None else head_rules,
-        qb.stride(0), qb.stride(1), qb.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
-        vb.stride(0), vb.stride(1), vb.stride(2), ob.stride(0), ob.stride(1), ob.stride(2),
-        n_active, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
-        scale * _LOG2E,
-        (grid[0] * grid[1]).bit_length(),
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
-        PRECISION=precision,
-    )
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _sparse_attention_fwd[grid](
+            qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads,
+            kv_len if kv_len is not None else head_rules,
+            qb.stride(0), qb.stride(1), qb.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
+            vb.stride(0), vb.stride(1), vb.stride(2), ob.stride(0), ob.stride(1), ob.stride(2),
+            n_active, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
+            scale * _LOG2E,
+            (grid[0] * grid[1]).bit_length(),
+            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
+            PRECISION=precision,
+        )
 
 
 @torch.library.custom_op("sparse_vdit::sparse_attention", mutates_args=())
