@@ -116,8 +116,7 @@ def family_nodes(family: str, base: int) -> tuple[dict, dict]:
         ["unet", "pos", "neg", "latent", "sparse", "alldense", "apply_sparse", "apply_alldense",
          "ks_dense", "ks_sparse", "ks_alldense", "save_dense", "save_sparse", "save_alldense"])}
     pooled = family == "hunyuan"
-    sampler = {"seed": 0, "steps": 2, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
-               "positive": [ids["pos"], 0], "negative": [ids["neg"], 0], "latent_image": [ids["latent"], 0]}
+    sampler = workflow_sampler(ids)
     nodes = {
         "unet": ("UNETLoader", {"unet_name": f"tiny_{family}.safetensors", "weight_dtype": "default"}),
         "pos": ("SVTestConditioning", {"seed": 1, "tokens": 8, "pooled": pooled}),
@@ -135,12 +134,39 @@ def family_nodes(family: str, base: int) -> tuple[dict, dict]:
     return {ids[name]: {"class_type": t, "inputs": i} for name, (t, i) in nodes.items()}, ids
 
 
+def lora_nodes(wan: dict) -> tuple[dict, dict]:
+    """A LoRA on the tiny Wan, then the all-dense Apply; and the Apply, then the LoRA."""
+    sampler = dict(workflow_sampler(wan))
+    ids = {"lora": "50", "ks_lora": "51", "apply_after_lora": "52", "ks_apply_after_lora": "53",
+           "lora_after_apply": "54", "ks_lora_after_apply": "55"}
+    lora = {"lora_name": "tiny_wan_lora.safetensors", "strength_model": 1.0}
+    nodes = {
+        "50": ("LoraLoaderModelOnly", dict(lora, model=[wan["unet"], 0])),
+        "51": ("KSampler", dict(sampler, model=["50", 0])),
+        "52": ("SparseVDiTApplyStrategy", {"model": ["50", 0], "strategy": [wan["alldense"], 0], "force_reference": True}),
+        "53": ("KSampler", dict(sampler, model=["52", 0])),
+        "54": ("LoraLoaderModelOnly", dict(lora, model=[wan["apply_alldense"], 0])),
+        "55": ("KSampler", dict(sampler, model=["54", 0])),
+    }
+    for n, source in (("56", "51"), ("57", "53"), ("58", "55")):
+        nodes[n] = ("SaveLatent", {"samples": [source, 0], "filename_prefix": f"svtest/lora_{n}"})
+        ids[f"save_{source}"] = n
+    return {k: {"class_type": t, "inputs": i} for k, (t, i) in nodes.items()}, ids
+
+
+def workflow_sampler(ids: dict) -> dict:
+    return {"seed": 0, "steps": 2, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+            "positive": [ids["pos"], 0], "negative": [ids["neg"], 0], "latent_image": [ids["latent"], 0]}
+
+
 def workflow() -> tuple[dict, dict]:
-    """The whole prompt and, per family, the node ids of its parts."""
+    """The whole prompt and, per family (and "lora"), the node ids of its parts."""
     prompt, ids = {}, {}
     for n, family in enumerate(FAMILIES):
         nodes, ids[family] = family_nodes(family, 100 * (n + 1))
         prompt.update(nodes)
+    nodes, ids["lora"] = lora_nodes(ids["wan"])
+    prompt.update(nodes)
     prompt["1"] = {"class_type": "SVTestRegistry", "inputs": {}}
     prompt["2"] = {"class_type": "SparseVDiTStrategyInfo",
                    "inputs": {"strategy": [ids["wan"]["sparse"], 0], "frames": 3, "height": 3, "width": 4}}
@@ -189,12 +215,13 @@ def run_harness(work, prompt):
     from safetensors.torch import save_file
 
     sys.path.insert(0, HERE)
-    from tiny_models import tiny_hunyuan_state, tiny_wan_state
+    from tiny_models import tiny_hunyuan_state, tiny_wan_lora, tiny_wan_state
 
     models = work / "models"
     os.makedirs(models)
     save_file(tiny_wan_state(), str(models / "tiny_wan.safetensors"))
     save_file(tiny_hunyuan_state(), str(models / "tiny_hunyuan.safetensors"))
+    save_file(tiny_wan_lora(), str(models / "tiny_wan_lora.safetensors"))
     write_strategies(str(models / "sparse_strategies"))
     (work / "extra.yaml").write_text(f"svtest:\n  base_path: {models}\n  sparse_strategies: sparse_strategies\n")
     pack = work / "svtest_nodes"
@@ -267,3 +294,22 @@ def test_api_example_workflows_run_with_tiny_models(examples):
         assert "PSNR" in outputs[str(compare_id)]["text"][0]
     assert outputs[str(1000 + 12)]["images"]  # the Wan T2V example's animated WEBP
     assert outputs[str(4000 + 13)]["images"]  # the HunyuanVideo example's animated WEBP
+
+
+def test_works_with_a_lora_before_or_after_apply(history):
+    outputs, ids = history[0], history[1]["lora"]
+    dense = saved_latent(outputs, history[1]["wan"]["save_dense"])
+    lora, apply_after, lora_after = (saved_latent(outputs, ids[f"save_{n}"]) for n in ("51", "53", "55"))
+    assert not torch.allclose(lora, dense, atol=1e-4), "the LoRA must change the result"
+    assert torch.equal(apply_after, lora) and torch.equal(lora_after, lora)
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_TEST_COMPILE"), reason="set COMFYUI_TEST_COMPILE=1 (CPU inductor: minutes)")
+def test_works_under_torch_compile_model(tmp_path):
+    nodes, ids = family_nodes("wan", 100)
+    nodes["900"] = {"class_type": "TorchCompileModel", "inputs": {"model": [ids["apply_sparse"], 0], "backend": "inductor"}}
+    nodes["901"] = {"class_type": "KSampler", "inputs": dict(nodes[ids["ks_sparse"]]["inputs"], model=["900", 0])}
+    nodes["902"] = {"class_type": "SaveLatent", "inputs": {"samples": ["901", 0], "filename_prefix": "svtest/compiled"}}
+    outputs = run_harness(tmp_path, nodes)
+    sparse, compiled = saved_latent(outputs, ids["save_sparse"]), saved_latent(outputs, "902")
+    torch.testing.assert_close(compiled, sparse, rtol=1e-4, atol=1e-4)

@@ -46,6 +46,19 @@ def tiny_wan_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return {original[int(v.item())]: reference[k].contiguous() for k, v in markers.items()}
 
 
+def tiny_wan_lora(rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random rank-``rank`` LoRA on the tiny Wan's self-attention projections (ComfyUI key format)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = WAN_TINY["num_attention_heads"] * WAN_TINY["attention_head_dim"]
+    out = {}
+    for b in range(WAN_TINY["num_layers"]):
+        for n in "qkvo":
+            key = f"diffusion_model.blocks.{b}.self_attn.{n}"
+            out[f"{key}.lora_down.weight"] = torch.randn(rank, dim, generator=g) * 0.1
+            out[f"{key}.lora_up.weight"] = torch.randn(dim, rank, generator=g) * 0.1
+    return out
+
+
 HUNYUAN_TINY = dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=128, num_layers=2,
                     num_single_layers=2, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
                     qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
