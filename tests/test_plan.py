@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from sparse_vdit.kernels.rule import FRAME_MAJOR, ORDER, ROW_BASE, SKIP_HEAD, SPACE_MAJOR, physical_to_logical
-from sparse_vdit.strategies import plan as plan_mod
 from sparse_vdit.strategies.geometry import VideoGeometry
 from sparse_vdit.strategies.patterns import (Dense, Diagonal, LocalWindow, MultiDiagonal, Skip, Union,
                                              VerticalStripe)
