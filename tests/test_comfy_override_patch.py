@@ -45,8 +45,7 @@ class WanModel(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(torch.nn.Identity() for _ in range(3))
 
     def forward_blocks(self, x, options):
-        b, seq = x.shape[0], x.shape[1]
-        text = torch.randn(b, 5, HEADS * HEAD_DIM)
+        text = torch.randn(x.shape[0], 5, HEADS * HEAD_DIM)
         outs = []
         for i, _block in enumerate(self.blocks):
             def block(args, i=i):
