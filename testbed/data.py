@@ -38,7 +38,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 MOTIONS = ("moving left", "moving right", "moving up", "moving down", "bouncing", "spinning")
-_DIRECTIONS = {"moving left": (-1.0, 0.0), "moving right": (1.0, 0.0), "moving up": (0.0, -1.0), "moving down": (0.0, 1.0)}
+DIRECTIONS = {"moving left": (-1.0, 0.0), "moving right": (1.0, 0.0), "moving up": (0.0, -1.0), "moving down": (0.0, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,8 @@ HELD_OUT: tuple[Prompt, ...] = tuple(
 TRAIN_PROMPTS: tuple[Prompt, ...] = tuple(p for p in ALL_PROMPTS if p not in HELD_OUT)
 
 
-def _as_prompt(prompt: Prompt | str) -> Prompt:
+def as_prompt(prompt: Prompt | str) -> Prompt:
+    """`prompt` itself, or the parsed text."""
     return prompt if isinstance(prompt, Prompt) else Prompt.parse(prompt)
 
 
@@ -124,7 +125,7 @@ def prompt_embeddings(prompts: Sequence[Prompt | str], device="cpu") -> torch.Te
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str) and prompt == "":
             continue
-        for j, word in enumerate(_as_prompt(prompt).text.split()):
+        for j, word in enumerate(as_prompt(prompt).text.split()):
             out[i, j] = word_embedding(word)
     return out.to(device)
 
@@ -161,7 +162,7 @@ def render_videos(prompts: Sequence[Prompt | str], generator: torch.Generator, d
     `device`, so the same generator state gives the same videos on any device."""
     if generator.device.type != "cpu":
         raise ValueError(f"render_videos needs a CPU torch.Generator, got one on {generator.device}")
-    parsed = [_as_prompt(p) for p in prompts]
+    parsed = [as_prompt(p) for p in prompts]
     n = len(parsed)
     if n == 0:
         raise ValueError("render_videos needs at least one prompt")
@@ -203,8 +204,8 @@ def render_videos(prompts: Sequence[Prompt | str], generator: torch.Generator, d
     position = torch.empty(n, FRAMES, 2)
     angle = angle0[:, None].expand(n, FRAMES).clone()
     for i, m in enumerate(motion):
-        if m in _DIRECTIONS:
-            dx, dy = _DIRECTIONS[m]
+        if m in DIRECTIONS:
+            dx, dy = DIRECTIONS[m]
             velocity = torch.tensor([dx * speed[i] - dy * side_drift[i], dy * speed[i] + dx * side_drift[i]])
             position[i] = centre[i] + velocity * t[:, None]
         elif m == "bouncing":

@@ -13,7 +13,7 @@ export PYTHONPATH=/tmp/site:/tmp/pp PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.used --format=csv 2>/dev/null
 python3 -m sparse_vdit.testbed.train --out "$RUN" --minutes "$MINUTES" "$@" || exit 1
 cp "$RUN"/weights/*.safetensors "$OUT"/
-python3 -m sparse_vdit.testbed.report --weights "$RUN/weights" --out "$RUN/report" ${REPORT_ARGS:-}
+python3 -m sparse_vdit.testbed.report --weights "$RUN/weights" --out "$RUN/report" --loss-csv "$RUN/loss.csv" ${REPORT_ARGS:-}
 timeout "${BASELINE_SECONDS:-150}" python3 -m sparse_vdit.testbed.quality --baselines --weights "$RUN/weights" \
   --out "$RUN/testbed.md" ${QUALITY_ARGS:-}
 tar -C "$RUN" -cf "$OUT/results.tar" weights/config.json weights/diffusion_pytorch_model.safetensors.index.json \

@@ -4,18 +4,23 @@
 
 writes samples_heldout.png and samples_train.png (sampled), data_heldout.png (the procedural
 videos of the same prompts, for comparison), attention_maps.png, head_stats.md and
-head_stats.json (statistics over the held-out samples; see head_stats.py).
+head_stats.json (statistics over the held-out samples; see head_stats.py; the json also counts
+the samples whose colour and motion match their prompt, see adherence.py), and with
+`--loss-csv` the training curve as loss_curve.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 from pathlib import Path
 
 import torch
 
-from .data import HELD_OUT, TRAIN_PROMPTS, Prompt, render_videos
+from .adherence import check_videos
+from .data import HELD_OUT, Prompt, render_videos
 from .generate import SAMPLE_STEPS, generate
 from .head_stats import STATS, HeadStatistics, maps_image, stats_markdown
 from .model import WEIGHTS_DIR, load_testbed
@@ -34,7 +39,6 @@ TRAIN_SAMPLE_PROMPTS = tuple(
         "small green triangle spinning",
     )
 )
-assert set(TRAIN_SAMPLE_PROMPTS) <= set(TRAIN_PROMPTS)
 
 
 def write_report(model, out: Path, seed: int = 0, steps: int = SAMPLE_STEPS) -> dict:
@@ -45,16 +49,51 @@ def write_report(model, out: Path, seed: int = 0, steps: int = SAMPLE_STEPS) -> 
     held = [p.text for p in HELD_OUT]
     videos = generate(model, held, [seed] * len(held), steps=steps, controller=recorder)
     save_strip(out / "samples_heldout.png", videos, held)
+    adherence = {"heldout": check_videos(videos, held)}
     save_strip(out / "data_heldout.png", render_videos(held, torch.Generator().manual_seed(seed)), held)
     train = [p.text for p in TRAIN_SAMPLE_PROMPTS]
-    save_strip(out / "samples_train.png", generate(model, train, [seed] * len(train), steps=steps), train)
+    train_videos = generate(model, train, [seed] * len(train), steps=steps)
+    save_strip(out / "samples_train.png", train_videos, train)
+    adherence["train"] = check_videos(train_videos, train)
     table = recorder.table()
     maps_image(recorder.maps()).save(out / "attention_maps.png")
     (out / "head_stats.md").write_text(stats_markdown(table))
     spread = {name: [round(float(table[..., i].min()), 3), round(float(table[..., i].max()), 3)] for i, name in enumerate(STATS)}
-    summary = {"stats": list(STATS), "table": table.tolist(), "min_max_over_heads": spread}
+    summary = {
+        "stats": list(STATS),
+        "table": table.tolist(),
+        "min_max_over_heads": spread,
+        "adherence": {
+            split: {"videos": len(results), "colour_right": sum(r.colour_right for r in results),
+                    "motion_right": sum(bool(r.motion_right) for r in results)}
+            for split, results in adherence.items()
+        },
+    }
     (out / "head_stats.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def loss_curve_image(csv_path: str | Path, width: int = 480, height: int = 240):
+    """A PIL line plot of loss.csv (log-scale loss against step), with min/max loss labels."""
+    from PIL import Image, ImageDraw
+
+    rows = list(csv.DictReader(open(csv_path)))
+    if len(rows) < 2:
+        raise ValueError(f"{csv_path}: need at least two logged steps to plot")
+    steps = [int(r["step"]) for r in rows]
+    logs = [math.log10(float(r["loss"])) for r in rows]
+    lo, hi = min(logs), max(logs)
+    margin = 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    x = lambda s: margin + (s - steps[0]) / (steps[-1] - steps[0]) * (width - 2 * margin)  # noqa: E731
+    y = lambda v: height - margin - (v - lo) / max(hi - lo, 1e-9) * (height - 2 * margin)  # noqa: E731
+    draw.rectangle([margin, margin, width - margin, height - margin], outline=(160, 160, 160))
+    draw.line([(x(s), y(v)) for s, v in zip(steps, logs)], fill=(200, 30, 30), width=2)
+    draw.text((2, margin - 12), f"loss {10 ** hi:.3g}", fill=(0, 0, 0))
+    draw.text((2, height - margin + 2), f"loss {10 ** lo:.3g} (log scale)", fill=(0, 0, 0))
+    draw.text((width - margin - 60, height - margin + 14), f"step {steps[-1]}", fill=(0, 0, 0))
+    return image
 
 
 def main(argv=None) -> None:
@@ -63,9 +102,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=SAMPLE_STEPS)
+    parser.add_argument("--loss-csv", type=Path, help="also plot this loss.csv as loss_curve.png")
     args = parser.parse_args(argv)
     summary = write_report(load_testbed(args.weights, args.device), args.out, steps=args.steps)
-    print(json.dumps(summary["min_max_over_heads"]))
+    if args.loss_csv is not None:
+        loss_curve_image(args.loss_csv).save(args.out / "loss_curve.png")
+    print(json.dumps({k: summary[k] for k in ("min_max_over_heads", "adherence")}))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ then cosine decay, gradient clipping, an EMA of the weights (the EMA is what is 
 fraction of prompts dropped to the empty prompt so classifier-free guidance works.
 
 Reproducible: one seed drives the initial weights and every batch. With `--minutes` the step
-count is fixed after timing the first `--calibrate` steps and written to train_log.json; pass it
-back as `--steps` to replay the same run.
+count is fixed after timing steps calibrate/4 .. calibrate (the first steps are slow: allocator and
+kernel warm-up) and written to train_log.json; pass it back as `--steps` to replay the same run.
 
     python -m sparse_vdit.testbed.train --out runs/testbed --minutes 5 --device cuda
 """
@@ -66,7 +66,7 @@ def train(
     cond_drop: float = 0.1,
     seed: int = 0,
     device: str = "cuda",
-    calibrate: int = 30,
+    calibrate: int = 40,
     log_every: int = 25,
     checkpoint_minutes: float = 1.5,
     config: dict | None = None,
@@ -82,6 +82,8 @@ def train(
         raise ValueError(f"minutes must be > 0, got {minutes}")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    if calibrate < 1:
+        raise ValueError(f"calibrate must be >= 1 step, got {calibrate}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -106,11 +108,14 @@ def train(
         writer.writerow(["step", "seconds", "loss", "lr"])
         step = 0
         while total is None or step < total:
-            if total is None and step == calibrate:  # fix the step count from the measured rate
+            if total is None and step in (calibrate // 4, calibrate):
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
-                per_step = (time.perf_counter() - start) / calibrate
-                total = calibrate + max(0, int((deadline - time.perf_counter()) / per_step * 0.97))
+                if step == calibrate // 4:
+                    timed_from = time.perf_counter()
+                else:  # fix the step count from the rate of the timed steps
+                    per_step = (time.perf_counter() - timed_from) / (calibrate - calibrate // 4)
+                    total = calibrate + max(0, int((deadline - time.perf_counter()) / per_step * 0.97))
             if time.perf_counter() > deadline:
                 break
             videos, prompts = training_batch(batch, generator, device)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sparse_vdit.testbed import data
+from sparse_vdit.testbed.adherence import Adherence, check_video, check_videos
 from sparse_vdit.testbed.strips import LABEL_HEIGHT, video_strip
 
 
@@ -96,3 +97,32 @@ def test_strip_lays_frames_left_to_right():
         video_strip(videos, ["a"])
     with pytest.raises(ValueError, match="B, 3, F, H, W"):
         video_strip(videos[0])
+
+
+def test_adherence_accepts_the_procedural_videos():
+    prompts = list(data.ALL_PROMPTS[::3])
+    results = check_videos(data.render_videos(prompts, torch.Generator().manual_seed(1)), prompts)
+    assert all(r.colour_right for r in results)
+    assert sum(bool(r.motion_right) for r in results) >= len(prompts) - 1
+
+
+def test_adherence_rejects_wrong_colour_and_motion():
+    video = data.render_videos(["large red square moving left"], torch.Generator().manual_seed(3))[0]
+    assert check_video(video, "large red square moving left").motion_right
+    assert not check_video(video, "large red square moving right").motion_right
+    assert not check_video(video, "large blue square moving left").colour_right
+    static = video[:, :1].expand_as(video)  # the first frame held still
+    assert not check_video(static, "large red square moving left").motion_right
+    assert check_video(static, "large red square spinning").motion_right
+    blank = torch.full_like(video, -1.0)
+    assert check_video(blank, "large red square moving left") == Adherence(False, None, (0.0, 0.0))
+    with pytest.raises(ValueError, match="3, F, H, W"):
+        check_video(video[None], "large red square moving left")
+    with pytest.raises(ValueError, match="2 prompts"):
+        check_videos(video[None], ["large red square moving left"] * 2)
+
+
+def test_report_samples_training_prompts_only():
+    from sparse_vdit.testbed.report import TRAIN_SAMPLE_PROMPTS
+
+    assert len(TRAIN_SAMPLE_PROMPTS) == 8 and set(TRAIN_SAMPLE_PROMPTS) <= set(data.TRAIN_PROMPTS)

@@ -85,13 +85,21 @@ def test_training_is_reproducible(tiny_run, tmp_path):
 
 
 def test_time_boxed_training_stops(tmp_path):
-    log = T.train(tmp_path, minutes=0.0005, batch=1, device="cpu", config=tiny_config(), calibrate=1, warmup=1)
-    assert 1 <= log["steps"] < 20 and (tmp_path / "weights" / "config.json").is_file()
+    log = T.train(tmp_path, minutes=0.0005, batch=1, device="cpu", config=tiny_config(), calibrate=8, warmup=1)
+    assert log["steps"] < 8 and log["planned_steps"] is None and (tmp_path / "weights" / "config.json").is_file()
+
+
+def test_time_box_fixes_the_step_count_after_calibrating(tmp_path, monkeypatch):
+    clock = iter(range(10**6))
+    monkeypatch.setattr(T.time, "perf_counter", lambda: 0.1 * next(clock))  # every reading 0.1 s later
+    log = T.train(tmp_path, minutes=0.02, batch=1, device="cpu", config=tiny_config(), calibrate=2, warmup=1)
+    assert log["planned_steps"] is not None and 2 < log["steps"] == log["planned_steps"] < 12
 
 
 @pytest.mark.parametrize("kwargs, match", [({}, "exactly one"), ({"steps": 2, "minutes": 1.0}, "exactly one"),
                                            ({"steps": 0}, "steps"), ({"minutes": -1.0}, "minutes"),
-                                           ({"steps": 1, "batch": 0}, "batch")])
+                                           ({"steps": 1, "batch": 0}, "batch"),
+                                           ({"steps": 1, "calibrate": 0}, "calibrate")])
 def test_training_rejects_bad_lengths(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         T.train(tmp_path, device="cpu", config=tiny_config(), **kwargs)
@@ -116,12 +124,12 @@ def test_shards_stay_under_16_mib(tmp_path):
 def test_generate_is_seeded_and_controller_transparent(tiny_run):
     model = M.load_testbed(tiny_run[0] / "weights")
     prompts = ["small red circle moving left", "large blue cross spinning"]
-    a = generate(model, prompts, [0, 1], steps=2)
+    a = generate(model, prompts, [0, 1], steps=1)
     assert a.shape == (2, 3, 9, 32, 32) and a.abs().max() <= 1
-    assert torch.equal(a, generate(model, prompts, [0, 1], steps=2, controller=DenseController()))
-    assert not torch.allclose(a, generate(model, prompts, [0, 2], steps=2))
+    assert torch.equal(a, generate(model, prompts, [0, 1], steps=1, controller=DenseController()))
+    assert not torch.allclose(a[1], generate(model, prompts[1:], [2], steps=1)[0])
     with pytest.raises(ValueError, match="seeds"):
-        generate(model, prompts, [0], steps=2)
+        generate(model, prompts, [0], steps=1)
 
 
 def _reference_stats(q, k, geom, rows):

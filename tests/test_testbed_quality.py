@@ -96,25 +96,20 @@ def harness(tmp_path_factory):
     out = tmp_path_factory.mktemp("q")
     config = dict(M.model_config(), num_attention_heads=2, attention_head_dim=16, ffn_dim=32, num_layers=2, freq_dim=32)
     T.train(out, steps=2, batch=1, device="cpu", config=config, warmup=1)
-    return Q.Harness(M.load_testbed(out / "weights"), ["small red circle moving left"], seeds=(0, 1), steps=2)
+    return Q.Harness(M.load_testbed(out / "weights"), ["small red circle moving left"], seeds=(0, 1), steps=1)
 
 
 def test_short_harness_run(harness):
     floor = harness.floor()
     assert math.isfinite(floor.psnr[0]) and floor.psnr[1] == 0.0  # one prompt: one seed pair
-    dense = harness.score(Strategy.dense(2, 2))
-    assert dense.psnr[0] == math.inf and dense.density == 1.0
-    all_warm = harness.score(Q.uniform_strategy([[LocalWindow(0, 0.1, 0.1)] * 2] * 2, harness.sigmas, 2))
-    assert all_warm.psnr[0] == math.inf and all_warm.density == 1.0
     rows = Q.run_baselines(harness, names=("local_window",), densities=(0.1,), warmups=(0, 1), log=lambda _: None)
     cold, warm = (r.score for r in rows)
-    assert cold.sparse_density == pytest.approx(warm.sparse_density) and 0.05 < cold.sparse_density < 0.2
-    assert cold.density == pytest.approx(cold.sparse_density)
-    assert warm.density == pytest.approx((1 + warm.sparse_density) / 2)
-    assert math.isfinite(cold.psnr[0]) and cold.psnr[0] > floor.psnr[0]
+    assert 0.05 < cold.sparse_density < 0.2 and cold.density == pytest.approx(cold.sparse_density)
+    assert math.isfinite(cold.psnr[0]) and cold.psnr[0] > floor.psnr[0] and cold.ssim[0] < 1
+    assert warm.psnr[0] == math.inf and warm.density == 1.0  # the one step ran dense: identical videos
     text = Q.baselines_markdown(harness, rows, floor, command="cmd", device="cpu", seconds=1.0)
     assert "Floor" in text and "Incomplete run" in text and text.count("| local_window |") == 3
-    assert Q.best_warmups(rows)[0].warmup == max(rows, key=lambda r: r.score.psnr[0]).warmup
+    assert Q.best_warmups(rows)[0].warmup == 1
 
 
 def test_harness_rejects_a_strategy_of_another_shape(harness):
