@@ -11,11 +11,13 @@ from contextlib import contextmanager
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
+import numpy as np
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..adapters import loading, sampling
-from . import latent_convention
+from . import latent_convention, strategy_store
+from .search_node import search_and_save
 from .sockets import CATEGORY, Strategy
 
 DiffusersModel = io.Custom("SPARSE_VDIT_DIFFUSERS_MODEL")
@@ -141,44 +143,135 @@ class DiffusersSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, width, height, frames, steps, cfg, shift, seed,
                 strategy=None, latent=None):
-        prompt, extra = _embeds(positive, "positive")
-        negative_prompt, _ = _embeds(negative, "negative")
-        transformer, family = model.model, model.family
-        if latent is not None:
-            raw = latent["samples"]
-            shape = tuple(latent_convention.from_comfy(raw, family).shape)
-        else:
-            shape = noise_shape(family, transformer, 1, frames, height, width)
         controller = None
         if strategy is not None:
             from ..strategies.engine import SparseEngine
 
             controller = SparseEngine(strategy)
         bar = comfy.utils.ProgressBar(steps)
+        shape = latent_shape(model, latent, frames, height, width)
+        samples = sample(model, positive, negative, shape, steps=steps, cfg=cfg, shift=shift, seed=seed,
+                         controller=controller, progress=lambda done, total: bar.update_absolute(done, total))
+        return io.NodeOutput({"samples": samples, "sparse_vdit_family": model.family})
 
-        def progress(step, total, sigma):
-            bar.update_absolute(step + 1, total)
-            mm.throw_exception_if_processing_interrupted()
 
-        with on_compute_device(transformer) as device, torch.inference_mode():
-            noise = sampling.initial_noise(shape, seed, device=device)
-            prompt, negative_prompt = prompt.to(device), negative_prompt.to(device)
-            common = dict(steps=steps, controller=controller, callback=progress)
-            if family == "wan":
-                out = sampling.sample_wan(transformer, noise, prompt, negative_embeds=negative_prompt,
-                                          guidance=cfg, shift=shift, **common)
-            elif family == "hunyuanvideo":
-                pooled = extra.get("pooled_output")
-                if pooled is None:
-                    raise ValueError("HunyuanVideo needs a CONDITIONING with a pooled CLIP output "
-                                     "(DualCLIPLoader type hunyuan_video + CLIPTextEncode)")
-                out = sampling.sample_hunyuan(transformer, noise, prompt, pooled.to(device),
-                                              embedded_guidance=cfg, shift=shift, **common)
-            else:
-                out = sampling.sample_cogvideox(transformer, noise, prompt, negative_embeds=negative_prompt,
-                                                guidance=cfg, seed=seed, **common)
-        samples = latent_convention.to_comfy(out.float(), family).to(mm.intermediate_device())
-        return io.NodeOutput({"samples": samples, "sparse_vdit_family": family})
+def latent_shape(model, latent, frames: int, height: int, width: int) -> tuple:
+    """Noise shape from an optional LATENT, else from the pixel size."""
+    if latent is not None:
+        return tuple(latent_convention.from_comfy(latent["samples"], model.family).shape)
+    return noise_shape(model.family, model.model, 1, frames, height, width)
+
+
+def sample(model, positive, negative, shape, *, steps, cfg, shift, seed, controller=None, progress=None):
+    """One run of the family's diffusers sampler on ComfyUI's device; LATENT samples (raw) out.
+    ``progress(done, total)`` after each step; Cancel is honoured between steps."""
+    prompt, extra = _embeds(positive, "positive")
+    negative_prompt, _ = _embeds(negative, "negative")
+    transformer, family = model.model, model.family
+
+    def callback(step, total, sigma):
+        if progress is not None:
+            progress(step + 1, total)
+        mm.throw_exception_if_processing_interrupted()
+
+    with on_compute_device(transformer) as device, torch.inference_mode():
+        noise = sampling.initial_noise(shape, seed, device=device)
+        prompt, negative_prompt = prompt.to(device), negative_prompt.to(device)
+        common = dict(steps=steps, controller=controller, callback=callback)
+        if family == "wan":
+            out = sampling.sample_wan(transformer, noise, prompt, negative_embeds=negative_prompt,
+                                      guidance=cfg, shift=shift, **common)
+        elif family == "hunyuanvideo":
+            pooled = extra.get("pooled_output")
+            if pooled is None:
+                raise ValueError("HunyuanVideo needs a CONDITIONING with a pooled CLIP output "
+                                 "(DualCLIPLoader type hunyuan_video + CLIPTextEncode)")
+            out = sampling.sample_hunyuan(transformer, noise, prompt, pooled.to(device),
+                                          embedded_guidance=cfg, shift=shift, **common)
+        else:
+            out = sampling.sample_cogvideox(transformer, noise, prompt, negative_embeds=negative_prompt,
+                                            guidance=cfg, seed=seed, **common)
+    return latent_convention.to_comfy(out.float(), family).to(mm.intermediate_device())
+
+
+def step_sigmas(family: str, steps: int, shift: float) -> list[float]:
+    """The sigma each step of our ``family`` sampler reports to the controller (search buckets)."""
+    if family == "wan":
+        scheduler = sampling.wan_scheduler(shift)
+        scheduler.set_timesteps(steps)
+        return [float(s) for s in scheduler.sigmas[:steps]]
+    if family == "hunyuanvideo":
+        scheduler = sampling.hunyuan_scheduler(shift)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
+        return [float(s) for s in scheduler.sigmas[:steps]]
+    scheduler = sampling.cogvideox_scheduler("ddim")
+    scheduler.set_timesteps(steps)
+    return [float(t) / scheduler.config.num_train_timesteps for t in scheduler.timesteps]
+
+
+class DiffusersSearch(io.ComfyNode):
+    """Search a strategy through our diffusers sampler (CogVideoX1.5, or any diffusers-path model)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SparseVDiTSearchDiffusers",
+            display_name="Search Sparse Strategy (diffusers)",
+            category=CATEGORY,
+            description="Like Search Sparse Strategy, for a model from Load Video Model (diffusers).",
+            inputs=[
+                DiffusersModel.Input("model", tooltip="From Load Video Model (diffusers)."),
+                io.Conditioning.Input("positive", tooltip="Calibration prompt (patterns depend little on it)."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt (unused by HunyuanVideo)."),
+                io.Int.Input("width", default=1360, min=16, max=4096, step=16, tooltip="Video width in pixels."),
+                io.Int.Input("height", default=768, min=16, max=4096, step=16, tooltip="Video height in pixels."),
+                io.Int.Input("frames", default=81, min=1, max=1025, step=4, tooltip="Frame count (4k+1)."),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sampling steps (as you will generate)."),
+                io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1, tooltip="Guidance scale."),
+                io.Float.Input("shift", default=5.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Flow shift (Wan, HunyuanVideo; unused by CogVideoX)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Noise seed."),
+                io.Combo.Input("budget", options=["target speedup", "error budget"],
+                               tooltip="Aim for an attention speedup, or for a total error."),
+                io.Float.Input("value", default=2.0, min=0.0, max=1000.0, step=0.01,
+                               tooltip="The target attention speedup (e.g. 2.0) or the error budget."),
+                io.String.Input("filename_prefix", default="sparse_vdit/search",
+                                tooltip="Name of the strategy file inside models/sparse_strategies."),
+                io.Boolean.Input("resume", default=True,
+                                 tooltip="Continue a cancelled search with the same settings; off: start over."),
+            ],
+            outputs=[Strategy.Output(display_name="strategy"), io.Latent.Output(display_name="dense_latent"),
+                     io.String.Output(display_name="info")],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, width, height, frames, steps, cfg, shift, seed,
+                budget, value, filename_prefix, resume=True):
+        from ..strategies.file import model_fingerprint
+
+        config = model.model.config
+        layers = config.num_layers + getattr(config, "num_single_layers", 0)
+        fingerprint = model_fingerprint(model.model, layers=layers, heads=config.num_attention_heads,
+                                        head_dim=config.attention_head_dim, family=model.family,
+                                        variant=model.variant)
+        shape = noise_shape(model.family, model.model, 1, frames, height, width)
+        schedule = step_sigmas(model.family, steps, shift)
+
+        def run(controller):
+            return sample(model, positive, negative, shape, steps=steps, cfg=cfg, shift=shift, seed=seed,
+                          controller=controller)
+
+        result, name = search_and_save(run, schedule, layers, budget=budget, value=value, seed=seed,
+                                       filename_prefix=filename_prefix, resume=resume,
+                                       meta={"model": fingerprint, "schedule": {"steps": steps, "cfg": cfg,
+                                                                                "shift": shift}})
+        dense = result.dense_latents if result.dense_latents is not None else run(None)
+        info = (f"saved models/{strategy_store.FOLDER}/{name}: predicted attention speedup "
+                f"{result.selection.predicted_speedup:.2f}x, predicted error {result.selection.predicted_error:.4g}")
+        return io.NodeOutput(result.strategy, {"samples": dense, "sparse_vdit_family": model.family}, info,
+                             ui=ui.PreviewText(info))
 
 
 class DiffusersDecode(io.ComfyNode):
@@ -215,4 +308,4 @@ class DiffusersDecode(io.ComfyNode):
         return io.NodeOutput(((frames + 1) / 2).clamp(0, 1).to(mm.intermediate_device()))
 
 
-NODES = [LoadDiffusersModel, DiffusersSampler, DiffusersDecode]
+NODES = [LoadDiffusersModel, DiffusersSampler, DiffusersDecode, DiffusersSearch]

@@ -81,17 +81,9 @@ class SearchStrategy(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler,
                 budget, value, filename_prefix, resume=True):
-        if value <= 0:
-            raise ValueError(f"the {budget} must be > 0, got {value}")
-        budget_kw = {"target_speedup": value} if budget == "target speedup" else \
-            {"target_speedup": None, "error_budget": value}
-        settings = SearchSettings(**budget_kw, seed=seed)
         _family, n_double, n_single, _heads = patch.model_layout(model)  # unsupported -> clear error
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
         schedule = [float(s) for s in sigmas[:-1]]
-        state_path = strategy_store.search_state_path(filename_prefix)
-        if not resume and os.path.exists(state_path):
-            os.remove(state_path)
 
         def sample(sampling_model):
             return sample_native(sampling_model, latent, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
@@ -100,26 +92,44 @@ class SearchStrategy(io.ComfyNode):
         def run(controller):
             return sample(patch.install_controller(model, StepTracker(controller, schedule)))
 
-        bar = comfy.utils.ProgressBar(2 * len(schedule))
-        try:
-            result = search(run, sigmas=schedule, layers=n_double + n_single, settings=settings,
-                            progress=lambda done, total: bar.update_absolute(done, total),
-                            cancel=mm.processing_interrupted, state_path=state_path,
-                            meta={"model": _fingerprint(model), "schedule": {"sampler": sampler_name,
-                                                                             "scheduler": scheduler,
-                                                                             "steps": steps, "cfg": cfg}})
-        except SearchCancelled:
-            mm.throw_exception_if_processing_interrupted()
-            raise
-        name = strategy_store.save(result.strategy, filename_prefix)
-        if os.path.exists(state_path):
-            os.remove(state_path)
+        meta = {"model": _fingerprint(model),
+                "schedule": {"sampler": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg}}
+        result, name = search_and_save(run, schedule, n_double + n_single, budget=budget, value=value, seed=seed,
+                                       filename_prefix=filename_prefix, resume=resume, meta=meta)
         # a resumed search skipped the dense pass: sample the dense latent once more
         dense_samples = result.dense_latents if result.dense_latents is not None else sample(model)
-        dense = dict(latent, samples=dense_samples)
         info = (f"saved models/{strategy_store.FOLDER}/{name}: predicted attention speedup "
                 f"{result.selection.predicted_speedup:.2f}x, predicted error {result.selection.predicted_error:.4g}")
-        return io.NodeOutput(result.strategy, dense, info, ui=ui.PreviewText(info))
+        return io.NodeOutput(result.strategy, dict(latent, samples=dense_samples), info, ui=ui.PreviewText(info))
+
+
+def search_and_save(run, schedule, layers: int, *, budget: str, value: float, seed: int, filename_prefix: str,
+                    resume: bool, meta: dict):
+    """Run the search with ComfyUI's progress bar and Cancel, save the strategy; (result, file name).
+
+    ``run(controller)`` samples once with the controller at the call sites; a cancelled search
+    keeps its state next to the strategies and continues on the next call when ``resume``.
+    """
+    if value <= 0:
+        raise ValueError(f"the {budget} must be > 0, got {value}")
+    budget_kw = {"target_speedup": value} if budget == "target speedup" else \
+        {"target_speedup": None, "error_budget": value}
+    settings = SearchSettings(**budget_kw, seed=seed)
+    state_path = strategy_store.search_state_path(filename_prefix)
+    if not resume and os.path.exists(state_path):
+        os.remove(state_path)
+    bar = comfy.utils.ProgressBar(2 * len(schedule))
+    try:
+        result = search(run, sigmas=schedule, layers=layers, settings=settings,
+                        progress=lambda done, total: bar.update_absolute(done, total),
+                        cancel=mm.processing_interrupted, state_path=state_path, meta=meta)
+    except SearchCancelled:
+        mm.throw_exception_if_processing_interrupted()
+        raise
+    name = strategy_store.save(result.strategy, filename_prefix)
+    if os.path.exists(state_path):
+        os.remove(state_path)
+    return result, name
 
 
 NODES = [SearchStrategy]

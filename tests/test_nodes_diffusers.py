@@ -97,3 +97,48 @@ def test_latent_convention_rejects_what_comfyui_cannot_decode():
         latent_convention.to_comfy(torch.zeros(1, 4, 2, 2, 2), "sd15")
     with pytest.raises(ValueError, match=r"\[B, C, F, H, W\]"):
         latent_convention.from_comfy(torch.zeros(4, 2, 2, 2), "hunyuanvideo")
+
+
+def test_search_through_the_diffusers_sampler_writes_a_strategy(tiny_cog):
+    from sparse_vdit.nodes import diffusers_nodes, strategy_store
+
+    strategy_store.register_folder()
+    loaded = diffusers_nodes.LoadDiffusersModel.execute("diffusers/tinycog", "fp32").values[0]
+    out = diffusers_nodes.DiffusersSearch.execute(
+        loaded, conditioning(1), conditioning(2), width=32, height=32, frames=9, steps=2, cfg=6.0, shift=0.0,
+        seed=0, budget="target speedup", value=1.5, filename_prefix="tests/cog", resume=False)
+    strategy, dense, info = out.values
+    assert strategy.layers == 2 and strategy.heads == 2
+    assert info.startswith("saved models/sparse_strategies/tests/cog_00001.safetensors")
+    assert dense["samples"].shape == (1, 4, 4, 4, 4) and dense["sparse_vdit_family"] == "cogvideox"
+    assert tiny_cog.run.progress[-1] == (4, 4)  # two passes of two steps
+    assert strategy_store.load("tests/cog_00001.safetensors").meta["model"]["family"] == "cogvideox"
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuanvideo", "cogvideox"])
+def test_step_sigmas_are_what_the_sampler_reports(comfy, family):  # noqa: F811
+    from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
+
+    from sparse_vdit.adapters import sampling
+    from sparse_vdit.adapters.loading import shipped_config
+    from sparse_vdit.nodes import diffusers_nodes
+
+    torch.manual_seed(0)
+    seen = []
+    record = lambda step, total, sigma: seen.append(sigma)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if family == "wan":
+            model = WanTransformer3DModel.from_config(shipped_config("wan-tiny"))
+            sampling.sample_wan(model, torch.randn(1, 4, 2, 4, 4, generator=g), torch.randn(1, 5, 32, generator=g),
+                                guidance=1.0, steps=3, shift=3.0, callback=record)
+        elif family == "hunyuanvideo":
+            model = HunyuanVideoTransformer3DModel.from_config(shipped_config("hunyuanvideo-tiny"))
+            sampling.sample_hunyuan(model, torch.randn(1, 4, 2, 4, 4, generator=g), torch.randn(1, 5, 32, generator=g),
+                                    torch.randn(1, 16, generator=g), steps=3, shift=7.0, callback=record)
+        else:
+            model = CogVideoXTransformer3DModel.from_config(shipped_config("cogvideox1.5-tiny"))
+            sampling.sample_cogvideox(model, torch.randn(1, 2, 4, 4, 4, generator=g), torch.randn(1, 8, 32, generator=g),
+                                      guidance=1.0, steps=3, callback=record)
+    shift = {"wan": 3.0, "hunyuanvideo": 7.0, "cogvideox": 0.0}[family]
+    assert diffusers_nodes.step_sigmas(family, 3, shift) == pytest.approx(seen)
