@@ -192,3 +192,13 @@ def test_head_statistics_reject_bad_input():
         recorder.attention(q, q, q, layer=0, sigma=1.0, geometry=geom, layout="lbhd", dense=None)
     with pytest.raises(ValueError, match="no attention call"):
         recorder.table()
+
+
+def test_shipped_weights_load_and_fit_the_limits():
+    shards = sorted(M.WEIGHTS_DIR.glob("*.safetensors"))
+    assert shards and all(s.stat().st_size < 16 * 2**20 for s in shards)
+    assert sum(s.stat().st_size for s in shards) <= 48e6
+    model = M.load_testbed()
+    shipped = {k: v for k, v in dict(model.config).items() if k in M.model_config()}
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in shipped.items()} == M.model_config()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
