@@ -45,11 +45,11 @@ class ProgressBar:
         self.stream.flush()
 
 
-def wan_runner(model, noise_shape, prompt, negative, *, steps: int, guidance: float, shift: float, seed: int,
-               callback: Callable | None = None):
-    """``(run, sigmas)`` for a Wan model: ``run(controller)`` samples one video from the seeded noise
-    with ``controller`` at the attention sites (``None`` = stock attention) and returns its latents;
-    ``sigmas`` are the sigmas of its steps (what a search buckets on)."""
+def wan_runner(model, noise_shape, prompt, negative, *, steps: int, guidance: float, shift: float, seed: int):
+    """``(run, sigmas)`` for a Wan model: ``run(controller, progress=None)`` samples one video from
+    the seeded noise with ``controller`` at the attention sites (``None`` = stock attention) and
+    returns its latents, calling ``progress(done, total)`` after each step; ``sigmas`` are the
+    sigmas of its steps (what a search buckets on)."""
     from .adapters.sampling import initial_noise, sample_wan, wan_scheduler
 
     scheduler = wan_scheduler(shift)
@@ -59,8 +59,8 @@ def wan_runner(model, noise_shape, prompt, negative, *, steps: int, guidance: fl
     noise = initial_noise(noise_shape, seed, device=device)
     prompt, negative = prompt.to(device, model.dtype), negative.to(device, model.dtype)
 
-    def run(controller):
-        step_cb = None if callback is None else (lambda i, n, s: callback(i + 1, n))
+    def run(controller, progress: Callable | None = None):
+        step_cb = None if progress is None else (lambda i, n, s: progress(i + 1, n))
         with torch.no_grad():
             return sample_wan(model, noise, prompt, negative_embeds=negative, steps=steps, guidance=guidance,
                               shift=shift, controller=controller, callback=step_cb)
@@ -211,7 +211,7 @@ def cmd_run(args) -> int:
     job = _job(args)
     timings = {}
     started = time.perf_counter()
-    dense_latents = job.run(None)
+    dense_latents = job.run(None, progress=ProgressBar("dense "))
     timings["dense_run_s"] = time.perf_counter() - started
     result, cost, timings["search_s"] = _search(args, job)
     strategy_path = out / "strategy.safetensors"
@@ -220,7 +220,7 @@ def cmd_run(args) -> int:
     device = next(job.model.parameters()).device
     engine = SparseEngine(strategy, force_reference=device.type != "cuda")
     started = time.perf_counter()
-    sparse_latents = job.run(engine)
+    sparse_latents = job.run(engine, progress=ProgressBar("sparse"))
     timings["sparse_run_s"] = time.perf_counter() - started
 
     dense_v, sparse_v = job.decode(dense_latents), job.decode(sparse_latents)
