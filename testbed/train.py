@@ -86,7 +86,6 @@ def train(
         raise ValueError(f"calibrate must be >= 1 step, got {calibrate}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_model(config).to(device).train()
@@ -173,6 +172,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 matmuls outside autocast
     log = train(args.out, steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr,
                 warmup=args.warmup, seed=args.seed, device=args.device)
     print(json.dumps(log, indent=2))
