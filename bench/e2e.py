@@ -22,7 +22,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -127,8 +127,8 @@ def timed(fn: Callable[[], torch.Tensor], repeats: int, device) -> tuple[float, 
     return statistics.median(times), out
 
 
-def bench_case(case: Case, *, tiny: bool, repeats: int, device, dtype) -> list[dict]:
-    """All rows of one model."""
+def bench_case(case: Case, *, tiny: bool, repeats: int, device, dtype) -> Iterator[dict]:
+    """All rows of one model, yielded as each is measured."""
     variant, latent, text = (case.tiny_variant, case.tiny_latent, case.tiny_text) if tiny \
         else (case.variant, case.latent, case.text)
     config = shipped_config(variant)
@@ -156,11 +156,11 @@ def bench_case(case: Case, *, tiny: bool, repeats: int, device, dtype) -> list[d
     share = max(0.0, (t_stock - t_none) / t_stock)
     diff = (out_dense.float() - out_stock.float()).abs().max().item()
     video_dense = STEPS * case.forwards_per_step * t_stock
-    rows = [dict(model=case.label, strategy="unpatched (SDPA)", density=1.0, seconds=t_stock, speedup=1.0,
-                 amdahl=1.0, share=share, video=video_dense, video_speedup=1.0, note=f"no-attention forward {t_none:.3f} s"),
-            dict(model=case.label, strategy="all-dense strategy (engine)", density=1.0, seconds=t_dense,
-                 speedup=t_stock / t_dense, amdahl=1.0, share=share, video=video_dense * t_dense / t_stock,
-                 video_speedup=t_stock / t_dense, note=f"max |diff| to unpatched {diff:.3g}")]
+    yield dict(model=case.label, strategy="unpatched (SDPA)", density=1.0, seconds=t_stock, speedup=1.0,
+               amdahl=1.0, share=share, video=video_dense, video_speedup=1.0, note=f"no-attention forward {t_none:.3f} s")
+    yield dict(model=case.label, strategy="all-dense strategy (engine)", density=1.0, seconds=t_dense,
+               speedup=t_stock / t_dense, amdahl=1.0, share=share, video=video_dense * t_dense / t_stock,
+               video_speedup=t_stock / t_dense, note=f"max |diff| to unpatched {diff:.3g}")
     dense_steps = round(STEPS * DENSE_FRACTION)
     for density in DENSITIES:
         strategy = paper_like(layers, heads, density, geometry)
@@ -168,10 +168,9 @@ def bench_case(case: Case, *, tiny: bool, repeats: int, device, dtype) -> list[d
         t_sparse, _ = through(SparseEngine(strategy, **engine_kw))
         amdahl = 1.0 / ((1.0 - share) + share * real)
         video = case.forwards_per_step * (dense_steps * t_stock + (STEPS - dense_steps) * t_sparse)
-        rows.append(dict(model=case.label, strategy=f"paper-like {density:.2f}", density=real, seconds=t_sparse,
-                         speedup=t_stock / t_sparse, amdahl=amdahl, share=share, video=video,
-                         video_speedup=video_dense / video, note="heads cycle diagonal / multi-diagonal / stripe"))
-    return rows
+        yield dict(model=case.label, strategy=f"paper-like {density:.2f}", density=real, seconds=t_sparse,
+                   speedup=t_stock / t_sparse, amdahl=amdahl, share=share, video=video,
+                   video_speedup=video_dense / video, note="heads cycle diagonal / multi-diagonal / stripe")
 
 
 def markdown(rows: list[dict], header: str) -> str:
@@ -180,11 +179,15 @@ def markdown(rows: list[dict], header: str) -> str:
              "| model | strategy | token density | s / forward | speedup | Amdahl | realised / Amdahl | "
              "attention share | s / video (50 steps, 20% dense) | video speedup | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['strategy']} | {r['density']:.3f} | {r['seconds']:.3f} | "
-                     f"{r['speedup']:.2f}x | {r['amdahl']:.2f}x | {r['speedup'] / r['amdahl']:.2f} | "
-                     f"{r['share']:.1%} | {r['video']:.1f} | {r['video_speedup']:.2f}x | {r['note']} |")
+    lines.extend(markdown_row(r) for r in rows)
     return "\n".join(lines)
+
+
+def markdown_row(r: dict) -> str:
+    """One result row as a markdown table line."""
+    return (f"| {r['model']} | {r['strategy']} | {r['density']:.3f} | {r['seconds']:.3f} | "
+            f"{r['speedup']:.2f}x | {r['amdahl']:.2f}x | {r['speedup'] / r['amdahl']:.2f} | "
+            f"{r['share']:.1%} | {r['video']:.1f} | {r['video_speedup']:.2f}x | {r['note']} |")
 
 
 def main(argv=None) -> str:
@@ -209,7 +212,9 @@ def main(argv=None) -> str:
     rows = []
     with prefer_cudnn():
         for name in names:
-            rows.extend(bench_case(CASES[name], tiny=args.tiny, repeats=args.repeats, device=device, dtype=dtype))
+            for row in bench_case(CASES[name], tiny=args.tiny, repeats=args.repeats, device=device, dtype=dtype):
+                rows.append(row)
+                print(markdown_row(row), flush=True)  # a run cut short keeps the rows it measured
             gc.collect()  # the model of that case is unreferenced now: free it before the next one
             if device.type == "cuda":
                 torch.cuda.empty_cache()
