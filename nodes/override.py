@@ -17,10 +17,14 @@ the sigma our wrapper reads once per forward (``transformer_options["sigmas"]`` 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import torch
 
 from ..strategies.geometry import VideoGeometry
 
@@ -73,6 +77,16 @@ def family_of(diffusion_model: Any) -> ModelFamily:
     )
 
 
+def sets_block_index(diffusion_model: Any) -> bool:
+    """Whether this ComfyUI's model code puts ``block_index`` in transformer_options itself
+    (newer Wan / HunyuanVideo), so no per-block tag patches are needed."""
+    try:
+        source = inspect.getsource(type(diffusion_model).forward_orig)
+    except (AttributeError, OSError, TypeError):
+        return False
+    return '"block_index"' in source or "'block_index'" in source
+
+
 def block_counts(diffusion_model: Any, family: ModelFamily) -> tuple[int, int]:
     """(double/plain blocks, single blocks) of the model; flat layer = double i, n_double + j."""
     n_double = len(getattr(diffusion_model, family.double_blocks))
@@ -112,6 +126,22 @@ def _first_sigma(transformer_options: dict) -> float | None:
     return float(sigmas.reshape(-1)[0]) if hasattr(sigmas, "reshape") else float(sigmas[0])
 
 
+@torch.compiler.disable
+def forward_state(family: ModelFamily, model_args: tuple, options: dict, patch_size: Any) -> ForwardState:
+    """Grid, sigma and text length of one forward. Kept out of torch.compile (TorchCompileModel):
+    reading the sigma as a float would otherwise guard, and recompile, on every step's value."""
+    def positional(index):
+        return model_args[index] if index is not None and index < len(model_args) else None
+
+    shape = list(model_args[0].shape)
+    joined = positional(family.extra_frames_arg)
+    if joined is not None:
+        shape[2] += joined.shape[2]
+    text = positional(family.text_arg)
+    return ForwardState(latent_grid(tuple(shape), patch_size), _first_sigma(options),
+                        None if text is None else int(text.shape[1]))
+
+
 class ForwardWrapper:
     """WrappersMP.DIFFUSION_MODEL wrapper: records grid, sigma and text length per forward.
 
@@ -127,17 +157,7 @@ class ForwardWrapper:
             options, model_args = kwargs["transformer_options"], args
         else:
             options, model_args = args[-1], args[:-1]
-
-        def positional(index):
-            return model_args[index] if index is not None and index < len(model_args) else None
-
-        shape = list(model_args[0].shape)
-        joined = positional(self.family.extra_frames_arg)
-        if joined is not None:
-            shape[2] += joined.shape[2]
-        grid = latent_grid(tuple(shape), executor.class_obj.patch_size)
-        text = positional(self.family.text_arg)
-        state = ForwardState(grid, _first_sigma(options), None if text is None else int(text.shape[1]))
+        state = forward_state(self.family, model_args, options, executor.class_obj.patch_size)
         tagged = {**options, FORWARD_KEY: state}
         if "transformer_options" in kwargs:
             kwargs["transformer_options"] = tagged
@@ -160,6 +180,8 @@ class BlockTag:
         self.layer = layer
         self.previous = previous
 
+    # Not compiled itself (one instance per block would recompile per block); the block it calls is.
+    @functools.partial(torch.compiler.disable, recursive=False)
     def __call__(self, args: dict, extra: dict) -> dict:
         tagged = {**args, "transformer_options": {**args["transformer_options"], LAYER_KEY: self.layer}}
         if self.previous is not None:
@@ -232,6 +254,9 @@ class SparseAttentionOverride:
             return VideoGeometry(frames, height, width, prefix=extra - text, suffix=text)
         return VideoGeometry(frames, height, width, prefix=extra)
 
+    # Kept out of torch.compile: layer and sigma pick precompiled plans in Python (compiled, they
+    # would guard and recompile per layer and per step); the kernel is one custom op either way.
+    @torch.compiler.disable
     def __call__(self, func: Callable, q, k, v, heads: int, mask=None, attn_precision=None,
                  skip_reshape: bool = False, skip_output_reshape: bool = False, **kwargs: Any):
         passthrough = dict(kwargs, mask=mask, attn_precision=attn_precision,

@@ -3,7 +3,7 @@
 The base MODEL is never changed: everything goes onto ``model.clone()``:
 the attention override (chaining any override already there), a DIFFUSION_MODEL wrapper that
 records grid and sigma per forward, an ON_PREPARE_STATE callback that keeps our override on
-top, and per-block ``patches_replace["dit"]`` tags for ComfyUI versions without ``block_index``.
+top, and per-block ``patches_replace["dit"]`` tags where the model code sets no ``block_index``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def install_controller(model: Any, controller: Any) -> Any:
     patched.remove_callbacks_with_key(prepare_state, ov.WRAPPER_KEY)
     patched.add_callback_with_key(prepare_state, ov.WRAPPER_KEY, ov.ReinstallOnPrepare(override))
 
-    if not family.count_calls:
+    if not family.count_calls and not ov.sets_block_index(model.get_model_object("diffusion_model")):
         existing = options.get("patches_replace", {}).get("dit", {})
         blocks = [("double_block", i, i) for i in range(n_double)]
         blocks += [("single_block", j, n_double + j) for j in range(n_single)]

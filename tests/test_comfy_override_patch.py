@@ -175,3 +175,20 @@ def test_strategy_of_another_size_is_refused_with_both_sizes(comfy_hooks):
     strategy = types.SimpleNamespace(layers=40, heads=40)
     with pytest.raises(ValueError, match="40 layers x 40 heads.*3 layers x 2 heads"):
         comfy_hooks.check_strategy_fits(strategy, Patcher(WanModel()))
+
+
+class NewerWanModel(WanModel):
+    """Like newer ComfyUI's Wan: the block loop itself tags transformer_options."""
+
+    def forward_orig(self, x, transformer_options):
+        for i, block in enumerate(self.blocks):
+            transformer_options["block_index"] = i
+        return x
+
+
+def test_no_block_tags_where_the_model_sets_block_index(comfy_hooks):
+    assert ov.sets_block_index(NewerWanModel()) and not ov.sets_block_index(WanModel())
+    patched = comfy_hooks.install_controller(Patcher(NewerWanModel()), Recorder())
+    assert "patches_replace" not in patched.model_options["transformer_options"]
+    tagged = comfy_hooks.install_controller(Patcher(WanModel()), Recorder())
+    assert len(tagged.model_options["transformer_options"]["patches_replace"]["dit"]) == 3
