@@ -12,6 +12,7 @@ for the text encoders, latent-as-image for VAE Decode, 2 steps), the Search flow
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -211,7 +212,7 @@ EXAMPLES = ["wan21_t2v_sparse", "wan21_search_strategy", "wan21_compare_dense_sp
 
 def run_harness(work, prompt):
     """POST ``prompt`` to a fresh harness-run ComfyUI with our pack, the helper pack and the tiny
-    models; returns the /history entry."""
+    models; returns the /history entry. No sparse call may have fallen back to dense (server log)."""
     from safetensors.torch import save_file
 
     sys.path.insert(0, HERE)
@@ -238,6 +239,10 @@ def run_harness(work, prompt):
         cmd += ["-g", COMFY_GIT]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, f"harness rc {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    log = re.search(r"stopped; log: (\S+)", run.stderr)
+    with open(log.group(1)) as f:
+        fallbacks = [line for line in f if "Sparse-vDiT" in line and "dense" in line]
+    assert not fallbacks, f"sparse calls fell back to dense attention: {fallbacks[:3]}"
     return json.loads((work / "history.json").read_text())
 
 
