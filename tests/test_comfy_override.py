@@ -358,3 +358,25 @@ def test_non_contiguous_inputs_are_accepted():
     assert not v.is_contiguous()
     out = call(override, q, k, v, {"block_index": 0, ov.FORWARD_KEY: make_state()})
     torch.testing.assert_close(out, expected_scaled_v(v.contiguous(), False, False))
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="kernels/tables.py head_split caches on rules._version, which inference tensors lack")
+def test_triton_route_under_inference_mode_like_comfyui_sampling():
+    """ComfyUI samples under torch.inference_mode: plans compiled there must work on the Triton path
+    (TRITON_INTERPRET on CPU, fp32)."""
+    if torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton interpreter on CPU")
+    pytest.importorskip("triton")
+    from sparse_vdit.strategies.engine import SparseEngine
+    from sparse_vdit.strategies.patterns import Diagonal, Skip
+    from sparse_vdit.strategies.strategy import Strategy
+
+    strategy = Strategy(layers=1, heads=HEADS, sigma_edges=(1.0, 0.0), patterns=(((Diagonal(0.5), Skip()),),))
+    override = ov.SparseAttentionOverride(SparseEngine(strategy), ov.FAMILIES["wan"], n_double=1)
+    q, k, v = qkv(1, 24, True, gen=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = call(override, q, k, v, {"block_index": 0, ov.FORWARD_KEY: make_state()}, skip_reshape=True)
+    ref = SparseEngine(strategy, force_reference=True, backend="reference").attention(
+        q, k, v, layer=0, sigma=0.7, geometry=VideoGeometry(2, 3, 4), layout="bhld", dense=None)
+    torch.testing.assert_close(out, ref.transpose(1, 2).reshape(1, 24, HEADS * HEAD_DIM), rtol=1e-4, atol=1e-4)
