@@ -1,13 +1,14 @@
 """Quality of searched strategies on the trained testbed vs the best uniform baseline at equal density.
 
     python3 -m sparse_vdit.bench.search_quality [--targets 2,3,4,6] [--prompts 8] [--steps 8]
-        [--families local_window,diagonal] [--out FILE] [--weights DIR]
+        [--families radial,diagonal] [--out FILE] [--weights DIR] [--device cuda]
 
 One search on calibration prompts from the TRAINING split (never the evaluation prompts) at the
 first target speedup, then re-selection (no new search) at the other targets. Each strategy is
 scored with the testbed harness (held-out prompts x 2 seeds, PSNR/SSIM vs dense, density over
-the whole run, dense warm-up counted). For each, the uniform baselines of ``--families`` at the
-same whole-run density are scored with every warm-up of 0..3 steps and the best is kept.
+the whole run, dense warm-up counted). For each, the uniform baselines of ``--families`` (names of
+``testbed.quality.BASELINES``) at the same whole-run density are scored with every warm-up of 0..3
+steps and the best is kept.
 Also reported: the search's predicted (weighted) error of each strategy, to show it ranks the
 final-sample error. Runs on a GPU when present, else the CPU (fp32, reference kernels either way:
 the testbed is small); prints a markdown table last.
@@ -21,13 +22,12 @@ import time
 
 import torch
 
-from ..strategies.patterns import pattern_for_density
 from ..strategies.search import SearchSettings, search
 from ..strategies.select import reselect
 from ..testbed.data import TRAIN_PROMPTS
 from ..testbed.generate import generate
 from ..testbed.model import WEIGHTS_DIR, load_testbed
-from ..testbed.quality import EVAL_PROMPTS, EVAL_SEEDS, Harness, uniform_strategy
+from ..testbed.quality import EVAL_PROMPTS, EVAL_SEEDS, Harness, baseline_patterns, uniform_strategy
 
 CALIBRATION = (TRAIN_PROMPTS[0].text, TRAIN_PROMPTS[len(TRAIN_PROMPTS) // 2].text)
 CALIBRATION_SEEDS = (100, 101)
@@ -49,12 +49,11 @@ def best_uniform(harness: Harness, density: float, families, log) -> tuple[str, 
     T = len(harness.sigmas)
     best = None
     for family in families:
-        for warm in range(0, 4):
+        for warm in range(min(4, T)):
             sparse = (density * T - warm) / (T - warm)
             if sparse <= 0:
                 continue
-            pattern = pattern_for_density(family, min(sparse, 1.0), harness.geometry)
-            heads = [[pattern] * harness.heads for _ in range(harness.layers)]
+            heads = baseline_patterns(family, min(sparse, 1.0), harness.geometry, harness.layers, harness.heads)
             score = harness.score(uniform_strategy(heads, harness.sigmas, warm))
             log(f"  baseline {family} warm-up {warm}: density {score.density:.3f} PSNR {score.psnr[0]:.2f}")
             if best is None or score.psnr[0] > best[2].psnr[0]:
@@ -68,13 +67,15 @@ def main(argv=None) -> str:
     ap.add_argument("--prompts", type=int, default=8, help="held-out prompts (x 2 seeds)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rows", type=int, default=64)
-    ap.add_argument("--families", default="local_window,diagonal")
+    ap.add_argument("--families", default="radial,diagonal",
+                    help="uniform families to compare at equal density ('' = none: compare with the table of "
+                         "bench/results/testbed.md, same harness)")
     ap.add_argument("--weights", default=str(WEIGHTS_DIR))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     targets = [float(t) for t in args.targets.split(",")]
-    families = args.families.split(",")
+    families = [f for f in args.families.split(",") if f]
     log = lambda msg: print(msg, flush=True)  # noqa: E731
 
     torch.manual_seed(0)
@@ -100,8 +101,8 @@ def main(argv=None) -> str:
         log(f"searched target {target}: density {score.density:.3f} PSNR {score.psnr[0]:.2f} "
             f"SSIM {score.ssim[0]:.3f} predicted error {predicted:.4g} warm-up above sigma "
             f"{strategy.dense_above_sigma} dense layers {sorted(strategy.dense_layers)}")
-        family, warm, base = best_uniform(harness, score.density, families, log)
-        rows.append((target, strategy, score, predicted, family, warm, base))
+        best = best_uniform(harness, score.density, families, log) if families else None
+        rows.append((target, strategy, score, predicted, best))
 
     spearman = _spearman([r[3] for r in rows], [-r[2].psnr[0] for r in rows])
     lines = [
@@ -114,13 +115,17 @@ def main(argv=None) -> str:
         "| best uniform at equal density | its PSNR (dB) | gain (dB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for target, strategy, score, predicted, family, warm, base in rows:
+    for target, strategy, score, predicted, best in rows:
         warm_desc = f"sigma > {strategy.dense_above_sigma:.3f}" if strategy.dense_above_sigma is not None else "none"
+        if best is None:
+            base_cells = "not run (--families '') | | "
+        else:
+            family, warm, base = best
+            base_cells = (f"{family}, {warm} dense steps (density {base.density:.3f}) | "
+                          f"{base.psnr[0]:.2f} ± {base.psnr[1]:.2f} | {score.psnr[0] - base.psnr[0]:+.2f}")
         lines.append(
             f"| {target:g} | {score.density:.3f} | {score.psnr[0]:.2f} ± {score.psnr[1]:.2f} | {score.ssim[0]:.3f} "
-            f"| {predicted:.4g} | {warm_desc} / {sorted(strategy.dense_layers)} | {family}, {warm} dense steps "
-            f"(density {base.density:.3f}) | {base.psnr[0]:.2f} ± {base.psnr[1]:.2f} | "
-            f"{score.psnr[0] - base.psnr[0]:+.2f} |")
+            f"| {predicted:.4g} | {warm_desc} / {sorted(strategy.dense_layers)} | {base_cells} |")
     lines += ["", f"Spearman rank correlation of predicted error with PSNR loss: {spearman:.2f}"]
     table = "\n".join(lines) + "\n"
     print(table)
