@@ -86,3 +86,23 @@ def test_step_tracker_begins_each_step_once_including_second_order_evaluations()
     for bad in ([], [0.5, 0.7], [1.0, 1.0]):
         with pytest.raises(ValueError, match="strictly descending"):
             StepTracker(ctl, bad)
+
+
+def test_retarget_reselects_a_searched_strategy_without_a_new_search(sampler):
+    from sparse_vdit.nodes import strategy_nodes
+
+    strategy = run_search().values[0]
+    forwards = sampler.forwards
+    for this_gpu in (False, True):
+        cheap, info = strategy_nodes.RetargetStrategy.execute(strategy, "target speedup", 4.0, this_gpu).values
+        assert cheap.layers == strategy.layers and "predicted attention speedup" in info
+        assert cheap.meta["search"]["target_speedup"] == 4.0
+    budget = strategy_nodes.RetargetStrategy.execute(strategy, "error budget", 0.5, False).values[0]
+    assert budget.meta["search"]["error_budget"] == 0.5
+    assert sampler.forwards == forwards, "retargeting must not sample"
+    with pytest.raises(ValueError, match="must be > 0"):
+        strategy_nodes.RetargetStrategy.execute(strategy, "target speedup", 0.0, False)
+    from test_nodes import tiny_strategy
+
+    with pytest.raises(ValueError, match="no stored error table"):
+        strategy_nodes.RetargetStrategy.execute(tiny_strategy(), "target speedup", 2.0, False)
