@@ -372,11 +372,14 @@ def test_triton_route_under_inference_mode_like_comfyui_sampling():
     from sparse_vdit.strategies.patterns import Diagonal, Skip
     from sparse_vdit.strategies.strategy import Strategy
 
-    strategy = Strategy(layers=1, heads=HEADS, sigma_edges=(1.0, 0.0), patterns=(((Diagonal(0.5), Skip()),),))
+    # a pattern and grid no other test uses: plans are cached process-wide, and one compiled
+    # outside inference mode would hide the failure
+    strategy = Strategy(layers=1, heads=HEADS, sigma_edges=(1.0, 0.0), patterns=(((Diagonal(0.4375), Skip()),),))
     override = ov.SparseAttentionOverride(SparseEngine(strategy), ov.FAMILIES["wan"], n_double=1)
-    q, k, v = qkv(1, 24, True, gen=torch.Generator().manual_seed(0))
+    q, k, v = qkv(1, 30, True, gen=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        out = call(override, q, k, v, {"block_index": 0, ov.FORWARD_KEY: make_state()}, skip_reshape=True)
+        out = call(override, q, k, v, {"block_index": 0, ov.FORWARD_KEY: make_state(grid=(3, 2, 5))},
+                   skip_reshape=True)
     ref = SparseEngine(strategy, force_reference=True, backend="reference").attention(
-        q, k, v, layer=0, sigma=0.7, geometry=VideoGeometry(2, 3, 4), layout="bhld", dense=None)
-    torch.testing.assert_close(out, ref.transpose(1, 2).reshape(1, 24, HEADS * HEAD_DIM), rtol=1e-4, atol=1e-4)
+        q, k, v, layer=0, sigma=0.7, geometry=VideoGeometry(3, 2, 5), layout="bhld", dense=None)
+    torch.testing.assert_close(out, ref.transpose(1, 2).reshape(1, 30, HEADS * HEAD_DIM), rtol=1e-4, atol=1e-4)
