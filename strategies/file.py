@@ -24,7 +24,7 @@ import os
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 

@@ -222,10 +222,6 @@ class SearchController:
                 self._enter(step)
         return self._step
 
-    @property
-    def candidates(self):
-        return self._candidates
-
     def _setup(self, geometry: VideoGeometry, heads: int, head_dim: int, dtype, device) -> None:
         from .patterns import pattern_from_dict
 
@@ -416,7 +412,9 @@ def finalize(state: SearchState, settings: SearchSettings, *, meta: dict | None 
     # the file stores float32: select on exactly what a re-selection will read back
     record = SearchRecord(candidates, errors.float(), torch.tensor(state.cost, dtype=torch.float32),
                           w_b.float(), n_b.float(), float(state.dense_layer))
-    sel = _select(record, settings)
+    sel = select(candidates, record.errors, record.cost, record.step_weights, record.bucket_steps,
+                 record.dense_layer, target_speedup=settings.target_speedup, error_budget=settings.error_budget,
+                 outlier_ratio=settings.outlier_ratio, max_warmup=settings.max_warmup)
     search_meta = {k: v for k, v in asdict(settings).items() if k not in ("densities", "families")}
     search_meta.update(densities=list(settings.densities), families=list(settings.families), lam=sel.lam,
                        dense_layer=record.dense_layer, predicted_speedup=sel.predicted_speedup,
@@ -425,12 +423,6 @@ def finalize(state: SearchState, settings: SearchSettings, *, meta: dict | None 
     full_meta.update(record=record, search=search_meta, geometry=state.geometry,
                      schedule={"sigmas": [float(s) for s in state.sigmas], **full_meta.get("schedule", {})})
     return to_strategy(sel, candidates, edges, full_meta), sel, record
-
-
-def _select(record: SearchRecord, settings: SearchSettings, **fixed) -> Selection:
-    return select(record.candidates, record.errors, record.cost, record.step_weights, record.bucket_steps,
-                  record.dense_layer, target_speedup=settings.target_speedup, error_budget=settings.error_budget,
-                  outlier_ratio=settings.outlier_ratio, max_warmup=settings.max_warmup, **fixed)
 
 
 def search(run: Callable[[Any], Any], *, sigmas: Sequence[float], layers: int, settings: SearchSettings,

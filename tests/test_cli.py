@@ -1,10 +1,8 @@
 """The sparse-vdit command line at tiny size: run, search, info, select, bad files."""
 
 import json
-import math
 
 import pytest
-import torch
 
 from sparse_vdit.cli import main
 from sparse_vdit.strategies.file import load_strategy

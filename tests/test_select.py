@@ -1,7 +1,6 @@
 """Selection under a global budget and re-selection from a stored error table."""
 
 import itertools
-import math
 
 import pytest
 import torch

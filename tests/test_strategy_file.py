@@ -1,7 +1,6 @@
 """Strategy files: round trip, fingerprints, and every bad-file case raising its StrategyError."""
 
 import json
-import os
 import struct
 import warnings
 
