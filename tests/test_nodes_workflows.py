@@ -14,7 +14,7 @@ WORKFLOW_DIR = os.path.join(ROOT, "example_workflows")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # ComfyUI core node ids the workflows may use (v0.3.59 .. current)
 CORE_NODES = {"UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance",
-              "ModelSamplingSD3", "EmptyHunyuanLatentVideo", "KSampler", "VAEDecode", "SaveAnimatedWEBP",
+              "ModelSamplingSD3", "EmptyHunyuanLatentVideo", "KSampler", "KSamplerAdvanced", "VAEDecode", "SaveAnimatedWEBP",
               "PreviewImage"}
 
 

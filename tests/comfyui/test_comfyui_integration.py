@@ -189,12 +189,15 @@ def tiny_example(api: dict, family: str, offset: int) -> dict:
             kind, inputs = "SVTestConditioning", {"seed": int(node_id), "tokens": 8, "pooled": family == "hunyuan"}
         elif kind == "VAEDecode":
             kind, inputs = "SVTestLatentImage", {"samples": inputs["samples"]}
-        elif kind == "UNETLoader":
+        elif kind == "UNETLoader":  # (both Wan2.2 experts become the one tiny Wan)
             inputs["unet_name"] = f"tiny_{family}.safetensors"
         elif kind == "EmptyHunyuanLatentVideo":
             inputs.update(width=64, height=48, length=9)
         elif kind in ("KSampler", "SparseVDiTSearch"):
             inputs["steps"] = 2
+        elif kind == "KSamplerAdvanced":  # keep the split: first expert step 0..1, second 1..end
+            inputs.update(steps=2, start_at_step=min(inputs["start_at_step"], 1),
+                          end_at_step=1 if inputs["end_at_step"] < inputs["steps"] else inputs["end_at_step"])
         if kind == "SparseVDiTLoadStrategy":
             inputs["strategy_name"] = f"tiny_{family}_sparse.safetensors"
         elif kind == "SparseVDiTApplyStrategy":
@@ -207,7 +210,8 @@ def tiny_example(api: dict, family: str, offset: int) -> dict:
     return out
 
 
-EXAMPLES = ["wan21_t2v_sparse", "wan21_search_strategy", "wan21_compare_dense_sparse", "hunyuan_video_t2v_sparse"]
+EXAMPLES = ["wan21_t2v_sparse", "wan21_search_strategy", "wan21_compare_dense_sparse", "hunyuan_video_t2v_sparse",
+            "wan22_t2v_a14b_two_experts"]
 
 
 def run_harness(work, prompt):
@@ -299,6 +303,7 @@ def test_api_example_workflows_run_with_tiny_models(examples):
         assert "PSNR" in outputs[str(compare_id)]["text"][0]
     assert outputs[str(1000 + 12)]["images"]  # the Wan T2V example's animated WEBP
     assert outputs[str(4000 + 13)]["images"]  # the HunyuanVideo example's animated WEBP
+    assert outputs[str(5000 + 17)]["images"]  # the Wan2.2 two-expert example's animated WEBP
 
 
 def test_works_with_a_lora_before_or_after_apply(history):
