@@ -49,10 +49,23 @@ def mode_grid(strategy: Any) -> list[list[list[str]]]:
     return grid
 
 
+MAX_SHOWN_BUCKETS = 6
+
+
+def shown_buckets(count: int, limit: int = MAX_SHOWN_BUCKETS) -> list[int]:
+    """At most ``limit`` sigma buckets spread evenly, first and last included (a searched strategy
+    often has one bucket per step; drawing them all would make a very tall picture)."""
+    if count <= limit:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})
+
+
 def view_data(strategy: Any, geometry: Any) -> dict:
-    """JSON-safe description for the web viewer: modes, palette, per-layer density, summary."""
+    """JSON-safe description for the web viewer: modes, palette, per-layer density, summary;
+    ``shown`` lists the buckets the pictures draw."""
     summary = strategy_summary(strategy, geometry)
     return {
+        "shown": shown_buckets(len(strategy.patterns)),
         "layers": strategy.layers,
         "heads": strategy.heads,
         "sigma_edges": list(strategy.sigma_edges),
@@ -69,14 +82,14 @@ def _scale(cells: int, target: int) -> int:
 
 
 def render_view(data: dict, title: str = "") -> torch.Tensor:
-    """ComfyUI IMAGE [1, H, W, 3] float in [0, 1]: one heads x layers panel per sigma bucket,
-    then a bar per layer of its token density, then a legend."""
+    """ComfyUI IMAGE [1, H, W, 3] float in [0, 1]: one heads x layers panel per shown sigma
+    bucket, then a bar per layer of its token density, then a legend."""
     layers, heads = data["layers"], data["heads"]
     cell = _scale(layers, 640)
     cell_h = max(2, min(cell, 240 // max(heads, 1)))
     width = max(layers * cell + 20, 360)
     pad, label_h, bar_h = 10, 14, 60
-    n_buckets = len(data["modes"])
+    n_buckets = len(data["shown"])
     panel_h = heads * cell_h
     legend_rows = len(PALETTE)
     height = pad + label_h + n_buckets * (panel_h + label_h) + bar_h + label_h + legend_rows * 12 + pad
@@ -86,7 +99,8 @@ def render_view(data: dict, title: str = "") -> torch.Tensor:
               fill=(0, 0, 0))
     y = pad + label_h
     edges = data["sigma_edges"]
-    for b, bucket in enumerate(data["modes"]):
+    for b in data["shown"]:
+        bucket = data["modes"][b]
         draw.text((pad, y), f"sigma {edges[b + 1]:.3g}..{edges[b]:.3g}", fill=(0, 0, 0))
         y += label_h
         for h, row in enumerate(bucket):

@@ -321,6 +321,23 @@ def test_strategy_info_draws_modes_and_reports_density(comfy):
         strategy_nodes.StrategyInfo.execute(tiny_strategy(searched=False))
 
 
+def test_many_buckets_are_thinned_for_the_pictures():
+    from sparse_vdit.nodes.strategy_view import render_view, shown_buckets, view_data
+    from sparse_vdit.strategies.geometry import VideoGeometry
+    from sparse_vdit.strategies.patterns import Diagonal
+    from sparse_vdit.strategies.strategy import Strategy
+
+    assert shown_buckets(3) == [0, 1, 2]
+    many = shown_buckets(30)
+    assert len(many) == 6 and many[0] == 0 and many[-1] == 29 and many == sorted(set(many))
+    rows = ((Diagonal(0.5),) * 4,) * 5
+    edges = tuple(1.0 - i / 30 for i in range(31))
+    s = Strategy(layers=5, heads=4, sigma_edges=edges, patterns=(rows,) * 30)
+    data = view_data(s, VideoGeometry(2, 3, 4))
+    assert data["shown"] == many and len(data["modes"]) == 30
+    assert render_view(data).shape[1] < 1000
+
+
 def test_warmup_buckets_and_dense_layers_show_as_dense():
     from sparse_vdit.nodes.strategy_view import mode_grid
     from sparse_vdit.strategies.patterns import Diagonal

@@ -1,6 +1,7 @@
 // Pure layout logic of the Sparse-vDiT strategy heatmap: no DOM, no ComfyUI.
 // Input: the JSON of GET /sparse_vdit/strategy_info (layers, heads, modes[bucket][head][layer],
-// palette {mode: [r, g, b]}, layer_density[layer], density, sigma_edges, geometry).
+// shown [bucket indices to draw; all when absent], palette {mode: [r, g, b]}, layer_density[layer],
+// density, sigma_edges, geometry).
 // Output: rectangles and labels in node-local pixels that sparse_vdit.js paints on a canvas.
 
 export const FALLBACK_COLOUR = "rgb(230,80,80)";
@@ -25,13 +26,17 @@ export function checkInfo(info) {
       throw new Error(`strategy info: bucket ${b} is not ${heads} heads x ${layers} layers`);
     }
   });
+  if (info.shown !== undefined && (!Array.isArray(info.shown)
+      || info.shown.some((b) => !Number.isInteger(b) || b < 0 || b >= modes.length))) {
+    throw new Error(`strategy info: shown must list bucket indices 0..${modes.length - 1}`);
+  }
   if (!Array.isArray(density) || density.length !== layers) {
     throw new Error(`strategy info: layer_density must have ${layers} entries`);
   }
 }
 
 /**
- * Lay out one heads x layers panel per sigma bucket, then a density bar per layer.
+ * Lay out one heads x layers panel per shown sigma bucket, then a density bar per layer.
  * width: pixels available; top: y of the first row. Returns {rects, labels, height}.
  * Each rect: {x, y, w, h, colour}; each label: {x, y, text}.
  */
@@ -44,7 +49,9 @@ export function layoutHeatmap(info, { width, top = 0, labelHeight = 12, barHeigh
   const rects = [];
   const labels = [];
   let y = top;
-  modes.forEach((bucket, b) => {
+  const shown = info.shown ?? modes.map((_, b) => b);
+  shown.forEach((b) => {
+    const bucket = modes[b];
     const hi = info.sigma_edges ? info.sigma_edges[b] : null;
     const lo = info.sigma_edges ? info.sigma_edges[b + 1] : null;
     labels.push({ x: 0, y: y + labelHeight - 2, text: hi === null ? `bucket ${b}` : `sigma ${fmt(lo)}..${fmt(hi)}` });

@@ -56,6 +56,15 @@ test("legend lists the modes in use, palette order first", () => {
   assert.deepEqual(legend(info).map((e) => e.mode), ["dense", "Union"]);
 });
 
+test("only the buckets listed in shown are drawn, labelled with their sigma range", () => {
+  const info = randomInfo(3, 2, 5, 11);
+  info.shown = [0, 4];
+  const { rects, labels } = layoutHeatmap(info, { width: 90 });
+  assert.equal(rects.length, 2 * 2 * 3 + 3);
+  assert.equal(rects[6].colour, colourFor(info.modes[4][0][0], info.palette));
+  assert.deepEqual(labels.slice(0, 2).map((l) => l.text), ["sigma 0.8..1", "sigma 0..0.2"]);
+});
+
 test("malformed route answers raise clear errors", () => {
   const good = randomInfo(3, 2, 2, 5);
   assert.throws(() => checkInfo(null), /not an object/);
@@ -63,5 +72,6 @@ test("malformed route answers raise clear errors", () => {
   assert.throws(() => checkInfo({ ...good, modes: [] }), /no sigma buckets/);
   assert.throws(() => checkInfo({ ...good, modes: [good.modes[0], good.modes[1].slice(1)] }), /bucket 1/);
   assert.throws(() => checkInfo({ ...good, layer_density: [0.1] }), /3 entries/);
+  assert.throws(() => checkInfo({ ...good, shown: [0, 2] }), /shown must list bucket indices 0..1/);
   assert.throws(() => layoutHeatmap(good, { width: 0 }), /width must be > 0/);
 });
