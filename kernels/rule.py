@@ -7,6 +7,9 @@ Indices below are logical token positions `[prefix | grid frame-major | suffix]`
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 # Column indices of a rule row.
@@ -28,6 +31,11 @@ MAX_COLS = 3
 SKIP_HEAD = -1
 FRAME_MAJOR = 0
 SPACE_MAJOR = 1
+CUBE = 2
+
+# Cube order: each frame is cut into cubes of CUBE_EDGE x CUBE_EDGE tokens (ragged at the bottom and
+# right edges), cubes enumerated (frame, cube row, cube column), tokens inside a cube row-major.
+CUBE_EDGE = 8
 
 
 def _as_rule_rows(rules) -> tuple[torch.Tensor, bool]:
@@ -101,16 +109,40 @@ def rule_mask(rules, prefix: int, frames: int, height: int, width: int,
     return out[0] if single else out
 
 
+@functools.lru_cache(maxsize=64)
+def _cube_map_numpy(frames: int, height: int, width: int) -> np.ndarray:
+    g = np.arange(frames * height * width, dtype=np.int64)
+    f, y, x = g // (height * width), g // width % height, g % width
+    cy, cx, e = y // CUBE_EDGE, x // CUBE_EDGE, CUBE_EDGE
+    cube_h = np.minimum(e, height - cy * e)  # rows of this token's cube
+    cube_w = np.minimum(e, width - cx * e)   # columns of this token's cube
+    p = f * height * width + cy * e * width + cx * e * cube_h + (y - cy * e) * cube_w + (x - cx * e)
+    out = np.empty_like(g)
+    out[p] = g
+    out.flags.writeable = False
+    return out
+
+
+def cube_order_map(frames: int, height: int, width: int) -> torch.Tensor:
+    """int64 [F*H*W]: grid index in logical (frame-major) order of each physical grid position of
+    the cube order (ORDER 2). Frames stay contiguous: position p lies in frame p // (H*W)."""
+    _check_geometry(0, frames, height, width)
+    return torch.from_numpy(_cube_map_numpy(frames, height, width).copy())
+
+
 def physical_to_logical(p_idx: torch.Tensor, order: int, prefix: int, frames: int,
                         height: int, width: int) -> torch.Tensor:
     """Map a head's physical positions to logical token indices (identity off the grid)."""
     _check_geometry(prefix, frames, height, width)
     p_idx = torch.as_tensor(p_idx).to(torch.int64)
-    if order != SPACE_MAJOR:
+    if order not in (SPACE_MAJOR, CUBE):
         return p_idx.clone()
     P = height * width
     g = p_idx - prefix
     on_grid = (g >= 0) & (g < frames * P)
+    g = torch.where(on_grid, g, 0)
+    if order == CUBE:
+        return torch.where(on_grid, prefix + cube_order_map(frames, height, width).to(g.device)[g], p_idx)
     s, f = torch.div(g, frames, rounding_mode="floor"), torch.remainder(g, frames)
     return torch.where(on_grid, prefix + f * P + s, p_idx)
 
@@ -120,10 +152,14 @@ def logical_to_physical(idx: torch.Tensor, order: int, prefix: int, frames: int,
     """Inverse of `physical_to_logical`: logical token indices to a head's physical positions."""
     _check_geometry(prefix, frames, height, width)
     idx = torch.as_tensor(idx).to(torch.int64)
-    if order != SPACE_MAJOR:
+    if order not in (SPACE_MAJOR, CUBE):
         return idx.clone()
     P = height * width
     g = idx - prefix
     on_grid = (g >= 0) & (g < frames * P)
+    g = torch.where(on_grid, g, 0)
+    if order == CUBE:
+        inverse = torch.argsort(cube_order_map(frames, height, width)).to(g.device)
+        return torch.where(on_grid, prefix + inverse[g], idx)
     f, s = torch.div(g, P, rounding_mode="floor"), torch.remainder(g, P)
     return torch.where(on_grid, prefix + s * frames + f, idx)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rule import ORDER, ROW_BASE, RULE_INTS, SKIP_HEAD
+from .rule import CUBE, ORDER, ROW_BASE, RULE_INTS, SKIP_HEAD, cube_order_map
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -20,7 +20,9 @@ class KernelTables:
     Head h's q-tile t (tiles of BLOCK_M positions in the head's physical order) visits the runs
     `runs[row_ptr[base + t] : row_ptr[base + t + 1]]` with `base = head_rules[h, ROW_BASE]`; each run
     is (k_tile_start, k_tile_end_exclusive, full_flag) over BLOCK_N-wide k-tiles. A full tile has
-    every (q, k) pair attended, so no mask is computed there.
+    every (q, k) pair attended, so no mask is computed there. `cube_map` (int32 [F*H*W], from
+    `rule.cube_order_map`) maps cube-order physical grid positions to logical grid indices; it is
+    required when a head has ORDER 2 (cube order) and ignored otherwise.
     """
 
     head_rules: torch.Tensor
@@ -33,6 +35,7 @@ class KernelTables:
     seq_len: int
     block_m: int
     block_n: int
+    cube_map: torch.Tensor | None = None
 
     @property
     def heads(self) -> int:
@@ -63,10 +66,16 @@ class KernelTables:
         return self.head_rules.device
 
     def head_split(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(active head indices int32, skip head indices int64) on the tables' device.
+        """(active head indices int32, skip head indices int64) on the tables' device."""
+        return self._head_info()[0]
 
-        Computed once per head_rules tensor (one host sync) and cached on that tensor, so tables
-        rebuilt around the same head_rules reuse it."""
+    def uses_cube_order(self) -> bool:
+        """Whether some head runs in cube order (ORDER 2) and so needs `cube_map`."""
+        return self._head_info()[1]
+
+    def _head_info(self):
+        """((active, skip), any cube-order head), computed once per head_rules tensor (one host
+        sync) and cached on that tensor, so tables rebuilt around the same head_rules reuse it."""
         rules = self.head_rules
         cached = getattr(rules, "_sparse_vdit_head_split", None)
         if cached is None or cached[0] != rules._version:
@@ -74,7 +83,7 @@ class KernelTables:
             ids = torch.arange(self.heads)
             active = ids[order != SKIP_HEAD].to(device=self.device, dtype=torch.int32)
             skip = ids[order == SKIP_HEAD].to(device=self.device, dtype=torch.int64)
-            cached = (rules._version, (active, skip))
+            cached = (rules._version, ((active, skip), bool((order == CUBE).any())))
             rules._sparse_vdit_head_split = cached
         return cached[1]
 
@@ -82,7 +91,8 @@ class KernelTables:
         """Copy of these tables with every tensor on `device`."""
         return KernelTables(self.head_rules.to(device), self.row_ptr.to(device), self.runs.to(device),
                             self.prefix, self.frames, self.height, self.width, self.seq_len,
-                            self.block_m, self.block_n)
+                            self.block_m, self.block_n,
+                            None if self.cube_map is None else self.cube_map.to(device))
 
     def validate(self, check_contents: bool = False) -> None:
         """Raise ValueError on bad shapes, dtypes, devices or geometry.
@@ -104,6 +114,10 @@ class KernelTables:
             raise ValueError(f"row_ptr must be 1-D and non-empty, got {tuple(self.row_ptr.shape)}")
         if self.runs.dim() != 2 or self.runs.shape[1] != 3:
             raise ValueError(f"runs must be [R, 3], got {tuple(self.runs.shape)}")
+        if self.cube_map is not None:
+            c = self.cube_map
+            if not isinstance(c, torch.Tensor) or c.dtype != torch.int32 or c.device != self.head_rules.device:
+                raise ValueError("KernelTables.cube_map must be an int32 tensor on the head_rules' device")
         for name in ("prefix", "frames", "height", "width", "seq_len", "block_m", "block_n"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise ValueError(f"KernelTables.{name} must be an int, got {getattr(self, name)!r}")
@@ -112,6 +126,8 @@ class KernelTables:
                              f"height={self.height} width={self.width}")
         if self.suffix < 0:
             raise ValueError(f"seq_len {self.seq_len} < prefix {self.prefix} + grid {self.grid_tokens}")
+        if self.cube_map is not None and tuple(self.cube_map.shape) != (self.grid_tokens,):
+            raise ValueError(f"cube_map must have shape ({self.grid_tokens},), got {tuple(self.cube_map.shape)}")
         for name in ("block_m", "block_n"):
             b = getattr(self, name)
             if b < 16 or b & (b - 1):
@@ -137,8 +153,12 @@ class KernelTables:
         for h, r in enumerate(rules.tolist()):
             if r[ORDER] == SKIP_HEAD:
                 continue
-            if r[ORDER] not in (0, 1):
-                raise ValueError(f"head {h}: ORDER must be -1, 0 or 1, got {r[ORDER]}")
+            if r[ORDER] not in (0, 1, CUBE):
+                raise ValueError(f"head {h}: ORDER must be -1, 0, 1 or 2, got {r[ORDER]}")
+            if r[ORDER] == CUBE and (self.cube_map is None or not torch.equal(
+                    self.cube_map.cpu().long(), cube_order_map(self.frames, self.height, self.width))):
+                raise ValueError(f"head {h} runs in cube order: cube_map must be rule.cube_order_map "
+                                 "of the tables' geometry")
             if r[ROW_BASE] < 0 or r[ROW_BASE] + nq >= row_ptr.numel():
                 raise ValueError(f"head {h}: ROW_BASE {r[ROW_BASE]} + {nq} q-tiles exceeds row_ptr "
                                  f"of length {row_ptr.numel()}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import pad
 
-from .rule import ORDER, ROW_BASE, RULE_INTS, SKIP_HEAD, physical_to_logical, rule_mask
+from .rule import CUBE, ORDER, ROW_BASE, RULE_INTS, SKIP_HEAD, cube_order_map, physical_to_logical, rule_mask
 from .tables import KernelTables
 
 
@@ -60,11 +60,14 @@ def tables_from_rules(rules, prefix: int, frames: int, height: int, width: int, 
         r = list(r)
         r[ROW_BASE] = bases.get(key, 0)
         head_rules.append(r)
+    cube_map = None
+    if any(r[ORDER] == CUBE for r in rows):
+        cube_map = cube_order_map(frames, height, width).to(device=device, dtype=torch.int32)
     tables = KernelTables(
         head_rules=torch.tensor(head_rules, dtype=torch.int32, device=device),
         row_ptr=torch.tensor(row_ptr, dtype=torch.int32, device=device),
         runs=torch.tensor(runs, dtype=torch.int32, device=device).reshape(-1, 3),
         prefix=prefix, frames=frames, height=height, width=width, seq_len=seq_len,
-        block_m=block_m, block_n=block_n)
+        block_m=block_m, block_n=block_n, cube_map=cube_map)
     tables.validate(check_contents=True)
     return tables

@@ -79,12 +79,20 @@ def _divmod(x, d, inv_d):
 
 
 @triton.jit
-def _to_logical(p, order, prefix, F, P, N, inv_F):
-    """Physical positions -> logical token indices (space-major heads permute the grid)."""
+def _to_logical(p, order, prefix, F, P, N, inv_F, cube_map):
+    """Physical positions -> logical token indices: space-major heads permute the grid
+    arithmetically, cube-order heads through the `cube_map` lookup table."""
     g = p - prefix
     on_grid = (g >= 0) & (g < N)
-    s, f = _divmod(tl.where(on_grid, g, 0), F, inv_F)
-    return tl.where(on_grid & (order == 1), prefix + f * P + s, p)
+    g = tl.where(on_grid, g, 0)
+    if order == 2:
+        lg = tl.load(cube_map + g, mask=on_grid, other=0)
+    elif order == 1:
+        s, f = _divmod(g, F, inv_F)
+        lg = f * P + s
+    else:
+        lg = g
+    return tl.where(on_grid, prefix + lg, p)
 
 
 @triton.jit
@@ -118,14 +126,14 @@ def _rule_tile(rule, lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N, inv_P,
 
 @triton.jit
 def _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, kt_hi, k_base, v_base,
-                  stride_kl, stride_vl, rule, order, prefix, F, P, W, N, L, kv_end, qk_scale,
+                  stride_kl, stride_vl, rule, order, cube_map, prefix, F, P, W, N, L, kv_end, qk_scale,
                   inv_F, inv_P, inv_W, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """Online-softmax update over k-tiles [kt_lo, kt_hi); MASKED evaluates the rule and kv_len."""
     offs_d = tl.arange(0, HEAD_DIM)
     for kt in range(kt_lo, kt_hi):
         offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-        lk = _to_logical(offs_n, order, prefix, F, P, N, inv_F)
+        lk = _to_logical(offs_n, order, prefix, F, P, N, inv_F, cube_map)
         k_valid = offs_n < L
         k = tl.load(k_base + lk.to(tl.int64)[:, None] * stride_kl + offs_d[None, :],
                     mask=k_valid[:, None], other=0.0)
@@ -151,7 +159,7 @@ def _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, kt_hi
                  cache_results=True)
 @triton.jit
 def _sparse_attention_fwd(
-    Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN,
+    Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN, CUBE_MAP,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
     n_active, L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale, work_bucket,
@@ -170,14 +178,16 @@ def _sparse_attention_fwd(
     else:
         kv_end = L
     # k-tiles from here on cross kv_len or the sequence end; a space-major head cut inside the grid
-    # has its cut keys spread over all tiles
+    # has its cut keys spread over all tiles, a cube-order head over the rest of the cut frame
     first_cut_tile = kv_end // BLOCK_N
     if (order == 1) & (kv_end < prefix + N):
         first_cut_tile = 0
+    if (order == 2) & (kv_end > prefix) & (kv_end < prefix + N):
+        first_cut_tile = (prefix + (kv_end - prefix) // P * P) // BLOCK_N
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    lq = _to_logical(offs_m, order, prefix, F, P, N, inv_F)
+    lq = _to_logical(offs_m, order, prefix, F, P, N, inv_F, CUBE_MAP)
     q_valid = offs_m < L
     q_ptrs = Q + b * stride_qb + h * stride_qh + lq.to(tl.int64)[:, None] * stride_ql + offs_d[None, :]
     q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
@@ -201,11 +211,11 @@ def _sparse_attention_fwd(
         # full tiles before the cut need no mask; partial tiles and the rest do
         split = tl.where(full != 0, tl.maximum(kt_lo, tl.minimum(kt_hi, first_cut_tile)), kt_lo)
         acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, split,
-                                      k_base, v_base, stride_kl, stride_vl, rule, order, prefix, F, P, W,
+                                      k_base, v_base, stride_kl, stride_vl, rule, order, CUBE_MAP, prefix, F, P, W,
                                       N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
                                       HEAD_DIM, BLOCK_N, False, PRECISION)
         acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, split, kt_hi,
-                                      k_base, v_base, stride_kl, stride_vl, rule, order, prefix, F, P, W,
+                                      k_base, v_base, stride_kl, stride_vl, rule, order, CUBE_MAP, prefix, F, P, W,
                                       N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
                                       HEAD_DIM, BLOCK_N, True, PRECISION)
 
@@ -222,10 +232,12 @@ def _bhld(x: torch.Tensor, layout: str) -> torch.Tensor:
 def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                             head_rules: torch.Tensor, row_ptr: torch.Tensor, runs: torch.Tensor,
                             active_heads: torch.Tensor, skip_heads: torch.Tensor,
-                            kv_len: Optional[torch.Tensor], geometry: list[int], block_m: int,
-                            block_n: int, layout: str, scale: float) -> None:
+                            kv_len: Optional[torch.Tensor], cube_map: Optional[torch.Tensor],
+                            geometry: list[int], block_m: int, block_n: int, layout: str,
+                            scale: float) -> None:
     """Write sparse attention into `out` (same layout as q): skip heads zero-filled, active heads
-    by the kernel. geometry = [prefix, frames, height, width]; inputs must already be validated."""
+    by the kernel. geometry = [prefix, frames, height, width]; cube_map is needed when a head runs
+    in cube order; inputs must already be validated."""
     qb, kb, vb, ob = (_bhld(t, layout) for t in (q, k, v, out))
     B, _, L, D = qb.shape
     prefix, frames, height, width = geometry
@@ -241,6 +253,7 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         _sparse_attention_fwd[grid](
             qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads,
             kv_len if kv_len is not None else head_rules,
+            cube_map if cube_map is not None else head_rules,
             qb.stride(0), qb.stride(1), qb.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
             vb.stride(0), vb.stride(1), vb.stride(2), ob.stride(0), ob.stride(1), ob.stride(2),
             n_active, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
@@ -254,18 +267,19 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
 @torch.library.custom_op("sparse_vdit::sparse_attention", mutates_args=())
 def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_rules: torch.Tensor,
                         row_ptr: torch.Tensor, runs: torch.Tensor, active_heads: torch.Tensor,
-                        skip_heads: torch.Tensor, kv_len: Optional[torch.Tensor], geometry: list[int],
-                        block_m: int, block_n: int, layout: str, scale: float) -> torch.Tensor:
+                        skip_heads: torch.Tensor, kv_len: Optional[torch.Tensor],
+                        cube_map: Optional[torch.Tensor], geometry: list[int], block_m: int,
+                        block_n: int, layout: str, scale: float) -> torch.Tensor:
     """Custom-op form of `launch_sparse_attention` returning a new contiguous output."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     launch_sparse_attention(q, k, v, out, head_rules, row_ptr, runs, active_heads, skip_heads, kv_len,
-                            geometry, block_m, block_n, layout, scale)
+                            cube_map, geometry, block_m, block_n, layout, scale)
     return out
 
 
 @sparse_attention_op.register_fake
 def _sparse_attention_fake(q, k, v, head_rules, row_ptr, runs, active_heads, skip_heads, kv_len,
-                           geometry, block_m, block_n, layout, scale):
+                           cube_map, geometry, block_m, block_n, layout, scale):
     return q.new_empty(q.shape)
 
 
@@ -273,7 +287,10 @@ def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
                             layout: str, kv_len: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """Sparse attention through the custom op (inputs must already be validated)."""
     active, skip = tables.head_split()
+    # checked in eager calls (the check is a host-side bool that torch.compile cannot trace)
+    if tables.cube_map is None and not torch.compiler.is_compiling() and tables.uses_cube_order():
+        raise ValueError("a head runs in cube order (ORDER 2) but the tables carry no cube_map")
     return torch.ops.sparse_vdit.sparse_attention(
-        q, k, v, tables.head_rules, tables.row_ptr, tables.runs, active, skip, kv_len,
+        q, k, v, tables.head_rules, tables.row_ptr, tables.runs, active, skip, kv_len, tables.cube_map,
         [tables.prefix, tables.frames, tables.height, tables.width],
         tables.block_m, tables.block_n, layout, float(scale))

@@ -32,7 +32,7 @@ def make_rule(order=0, diag=-1, md=None, win=None, stripe=0, cols=()):
 
 def random_rule(rng: random.Random, F: int, H: int, W: int, kind: str):
     P, N = H * W, F * H * W
-    order = rng.choice([0, 1])
+    order = rng.choice([R.FRAME_MAJOR, R.SPACE_MAJOR, R.CUBE])
     if kind == "skip":
         return make_rule(order=R.SKIP_HEAD)
     if kind == "dense":
@@ -113,13 +113,28 @@ def test_rule_mask_matches_the_written_rule(kind):
 def test_physical_logical_maps_are_inverse_permutations():
     prefix, F, H, W, L = 3, 4, 3, 5, 3 + 60 + 2
     p = torch.arange(L)
-    for order in (R.FRAME_MAJOR, R.SPACE_MAJOR):
+    for order in (R.FRAME_MAJOR, R.SPACE_MAJOR, R.CUBE):
         lg = R.physical_to_logical(p, order, prefix, F, H, W)
         assert torch.equal(torch.sort(lg).values, p)
         assert torch.equal(R.logical_to_physical(lg, order, prefix, F, H, W), p)
     lg = R.physical_to_logical(p, R.SPACE_MAJOR, prefix, F, H, W)
     assert lg[prefix + 1].item() == prefix + H * W  # physical grid 1 = spatial 0 of frame 1
     assert torch.equal(lg[:prefix], p[:prefix]) and torch.equal(lg[-2:], p[-2:])
+
+
+@pytest.mark.parametrize("F,H,W", [(2, 11, 10), (1, 8, 16), (3, 5, 3), (1, 17, 9)])
+def test_cube_order_walks_8x8_cubes_frame_by_frame(F, H, W):
+    """Cube order written out cube by cube (ragged cubes at the bottom/right edges)."""
+    want = []
+    for f in range(F):
+        for cy in range(0, H, 8):
+            for cx in range(0, W, 8):
+                want += [f * H * W + y * W + x for y in range(cy, min(cy + 8, H)) for x in range(cx, min(cx + 8, W))]
+    assert R.cube_order_map(F, H, W).tolist() == want
+    prefix, L = 2, 2 + F * H * W + 3
+    lg = R.physical_to_logical(torch.arange(L), R.CUBE, prefix, F, H, W)
+    assert lg[prefix:prefix + F * H * W].tolist() == [prefix + g for g in want]
+    assert lg[:prefix].tolist() == [0, 1] and lg[-3:].tolist() == [L - 3, L - 2, L - 1]
 
 
 def test_rule_mask_rejects_bad_rules_and_geometry():
@@ -220,7 +235,7 @@ def test_kernel_and_reference_match_float64(case):
     out = torch.full(shape, float("nan"))
     active, skip = tables.head_split()
     launch_sparse_attention(q, k, v, out, tables.head_rules, tables.row_ptr, tables.runs, active, skip,
-                            kv_len, [prefix, F, H, W], bm, bn, layout, scale)
+                            kv_len, tables.cube_map, [prefix, F, H, W], bm, bn, layout, scale)
     assert not out.isnan().any(), "kernel left output unwritten"
     ref = sparse_attention_reference(q, k, v, tables, layout, kv_len, scale)
     for got in (out, ref):
@@ -230,6 +245,33 @@ def test_kernel_and_reference_match_float64(case):
         for h, kind in enumerate(kinds):
             if kind == "skip":
                 assert torch.equal(got_bhld[:, h], torch.zeros_like(got_bhld[:, h]))
+
+
+def test_cube_order_heads_mixed_with_other_orders():
+    # H not a multiple of 8, prefix and suffix segments; kv_len cut mid-frame and in the prefix.
+    # Head 0's tiles are skipped, partial and full, so a wrong map or kv cut changes the result.
+    prefix, F, H, W, suffix, D, bm, bn = 3, 1, 9, 24, 2, 64, 16, 16
+    L = prefix + F * H * W + suffix
+    rules = [make_rule(order=R.CUBE, win=(0, 7, 7)), make_rule(order=R.SKIP_HEAD),
+             make_rule(order=R.CUBE, win=(0, 1, 2), stripe=12, cols=[(150, 170)]),
+             make_rule(order=R.SPACE_MAJOR, md=(4, 1)), make_rule(order=R.CUBE, diag=5, md=(2, 0), win=(0, 4, 4))]
+    tables = tables_from_rules(rules, prefix, F, H, W, L, bm, bn)
+    runs0 = tables.runs[tables.row_ptr[1]:tables.row_ptr[2]]  # head 0, second q-tile
+    assert runs0[:, 2].any() and (runs0[:, 2] == 0).any() and (runs0[:, 1] - runs0[:, 0]).sum() < tables.num_k_tiles - 2
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(2, len(rules), L, D) for _ in range(3))
+    kv_len = torch.tensor([80, 2], dtype=torch.int32)
+    want = float64_attention(q, k, v, rules, (prefix, F, H, W), "bhld", kv_len, D ** -0.5)
+    for backend in ("triton", "reference"):
+        out = sparse_attention(q, k, v, tables, kv_len=kv_len, backend=backend)
+        assert rel_err(out, want) <= 1e-5, backend
+        assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
+    # the kernel needs the map for cube-order heads
+    bare = KernelTables(tables.head_rules, tables.row_ptr, tables.runs, prefix, F, H, W, L, bm, bn)
+    with pytest.raises(ValueError, match="cube_map"):
+        sparse_attention(q, k, v, bare, kv_len=kv_len)
+    with pytest.raises(ValueError, match="cube_map"):
+        bare.validate(check_contents=True)
 
 
 def test_rows_with_no_key_are_zero_not_nan():
@@ -328,7 +370,7 @@ def test_custom_op_traces_without_graph_break():
         out = torch.ops.sparse_vdit.sparse_attention(
             fq, fk, fv, *(mode.from_tensor(t) for t in (tables.head_rules, tables.row_ptr, tables.runs,
                                                          active, skip)),
-            None, [1, 2, 3, 4], 16, 16, "bhld", 0.125)
+            None, None, [1, 2, 3, 4], 16, 16, "bhld", 0.125)
     assert out.shape == q.shape and out.dtype == q.dtype
 
 
