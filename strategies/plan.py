@@ -10,6 +10,12 @@ tile marked partial is still exact, only slower). Key-only parts (non-grid keys,
 per-key booleans counted per k-tile. Tile ranges are combined by sorted sweeps over their end
 points, so the cost grows with the number of intervals, never with L x L or tiles x tiles.
 
+Cube order (ORDER 2, windows) is classified per (q-tile, k-tile) pair instead: each tile's grid
+tokens span a box of frames, rows and columns, and a window attends some pair when the per-axis box
+distance is within its radii (exact for box-shaped tiles, a superset for tiles straddling cubes) and
+every pair when the per-axis largest distance is (conservative). Only k-tiles whose frames meet the
+q-tile's frames +- the frame radius are compared; pairs are processed in chunks.
+
 Each distinct rule is classified once per (geometry, tiles, device) and its range-encoded runs are
 appended to one append-only pool shared by every head, layer and bucket; head rules carry
 ROW_BASE into it.
@@ -32,6 +38,13 @@ from .patterns import Pattern
 
 def _cdiv(a, b):
     return -(-a // b)
+
+
+# A partial (masked) tile costs about this many full tiles (H200, bench/results/attention.md).
+PARTIAL_TILE_COST = 3.8
+
+# Largest number of (q-tile, k-tile) pairs the cube-order classifier compares at once.
+_PAIR_CHUNK = 1 << 20
 
 
 class _Intervals:
@@ -171,6 +184,8 @@ def _key_only(rule, order, geom: VideoGeometry, block_n: int):
         grid[rule[R.COLS + 2 * c]: rule[R.COLS + 2 * c + 1]] = True
     if order == R.SPACE_MAJOR:
         grid = grid.reshape(F, P).T.ravel()
+    elif order == R.CUBE:
+        grid = grid[_cube_map(geom)]
     nk = _cdiv(L, block_n)
     keys = np.ones(nk * block_n, dtype=bool)  # keys past L count as attended for "all"
     keys[geom.prefix: geom.prefix + N] = grid
@@ -190,6 +205,8 @@ def tile_runs(rule, order: int, geom: VideoGeometry, block_m: int, block_n: int)
     if order == R.SPACE_MAJOR and (rule[R.DIAG] >= 0 or rule[R.WIN_F] >= 0):
         raise ValueError("space-major order supports multi-diagonal and stripe rules only, "
                          f"not a diagonal or window (rule {rule})")
+    if order == R.CUBE:
+        return _cube_tile_runs(rule, geom, block_m, block_n)
     N, pre = geom.grid_tokens, geom.prefix
     if order == R.SPACE_MAJOR:
         inner = geom.frames
@@ -227,22 +244,108 @@ def _full_parts(all_iv: _Intervals, seg_qt, key_full, geom: VideoGeometry, block
     q, start, end, count, _ = _sweep(seg_qt[s[keep]], lo[keep], hi[keep], False, nk)
     segs_per_tile = np.bincount(seg_qt, minlength=nq)
     full = count == segs_per_tile[q]
-    no_grid = np.nonzero(segs_per_tile == 0)[0]
     return [(q[full], start[full], end[full]), _every_tile(nq, *key_full),
-            (no_grid, np.zeros_like(no_grid), np.full_like(no_grid, nk))]
+            _all_tiles_of(_gridless_q_tiles(geom, block_m), nk)]
+
+
+def _gridless_q_tiles(geom: VideoGeometry, block_m: int) -> np.ndarray:
+    """q-tiles without grid rows (every k-tile of theirs is full)."""
+    t = np.arange(_cdiv(geom.seq_len, block_m))
+    return np.nonzero((np.minimum((t + 1) * block_m, geom.seq_len) <= geom.prefix)
+                      | (t * block_m >= geom.prefix + geom.grid_tokens))[0]
+
+
+def _mixed_q_tiles(geom: VideoGeometry, block_m: int) -> np.ndarray:
+    """q-tiles holding a non-grid row (such rows attend every key, so every k-tile is visited)."""
+    t = np.arange(_cdiv(geom.seq_len, block_m))
+    t_lo, t_hi = t * block_m, np.minimum((t + 1) * block_m, geom.seq_len)
+    return np.nonzero((t_lo < geom.prefix) | (t_hi > geom.prefix + geom.grid_tokens))[0]
+
+
+def _all_tiles_of(q_tiles: np.ndarray, nk: int):
+    """(q-tile, 0, nk): every k-tile of the given q-tiles."""
+    return q_tiles, np.zeros_like(q_tiles), np.full_like(q_tiles, nk)
 
 
 def _visited_parts(any_iv: _Intervals, seg_qt, key_any, geom: VideoGeometry, block_m: int, block_n: int):
     """(q-tile, lo, hi) k-tile ranges that are visited: touched by an any-interval, holding a key
     every query attends, or anywhere in a q-tile with non-grid query rows."""
-    L, N, pre = geom.seq_len, geom.grid_tokens, geom.prefix
+    L, pre = geom.seq_len, geom.prefix
     nq, nk = _cdiv(L, block_m), _cdiv(L, block_n)
     s, lo, hi = any_iv.arrays()
-    tiles = np.arange(nq)
-    t_lo, t_hi = tiles * block_m, np.minimum((tiles + 1) * block_m, L)
-    mixed = np.nonzero((t_lo < pre) | (t_hi > pre + N))[0]
     return [(seg_qt[s], (lo + pre) // block_n, (hi + pre - 1) // block_n + 1), _every_tile(nq, *key_any),
-            (mixed, np.zeros_like(mixed), np.full_like(mixed, nk))]
+            _all_tiles_of(_mixed_q_tiles(geom, block_m), nk)]
+
+
+def _cube_map(geom: VideoGeometry) -> np.ndarray:
+    """Cube order's physical grid position -> logical grid index (rule.cube_order_map)."""
+    return R.cube_order_map(geom.frames, geom.height, geom.width).numpy()
+
+
+def _tile_boxes(geom: VideoGeometry, block: int):
+    """Cube order, tiles of `block` positions: (first grid-bearing tile, lo [3, n], hi [3, n]) with
+    the per-axis (frame, row, column) min / max over each grid-bearing tile's grid tokens (int16)."""
+    N, pre, P, W = geom.grid_tokens, geom.prefix, geom.tokens_per_frame, geom.width
+    g = _cube_map(geom)
+    coords = np.stack([g // P, g % P // W, g % W]).astype(np.int16)
+    first, last = pre // block, (pre + N - 1) // block
+    starts = np.maximum(np.arange(first, last + 1) * block - pre, 0)
+    return first, np.minimum.reduceat(coords, starts, axis=1), np.maximum.reduceat(coords, starts, axis=1)
+
+
+def _true_runs(flags: np.ndarray):
+    """(row, start, end) of the runs of True along each row of a 2-D bool array."""
+    edges = np.diff(np.pad(flags, ((0, 0), (1, 1))).view(np.int8), axis=1)
+    row, start = np.nonzero(edges == 1)
+    _, end = np.nonzero(edges == -1)
+    return row, start, end
+
+
+def _cube_window_parts(rule, geom: VideoGeometry, block_m: int, block_n: int):
+    """Cube order, window component: ((q, lo, hi) visited, (q, lo, hi) full) k-tile ranges from the
+    tiles' coordinate boxes (see the module docstring)."""
+    if max(geom.frames, geom.height, geom.width) >= 1 << 14:
+        raise ValueError(f"cube order needs frames, height and width below {1 << 14}, got {geom}")
+    radius = (min(rule[R.WIN_F], geom.frames - 1), rule[R.WIN_Y], rule[R.WIN_X])
+    q0, qlo, qhi = _tile_boxes(geom, block_m)
+    k0, klo, khi = _tile_boxes(geom, block_n)
+    # frames are contiguous in cube order: the k-tiles meeting frames fq +- radius form one range
+    start = np.searchsorted(khi[0], qlo[0] - radius[0], "left")
+    width = max(int((np.searchsorted(klo[0], qhi[0] + radius[0], "right") - start).max()), 1)
+    # k-tiles past the last one get an empty box far away: never visited
+    far = np.full((3, width), 1 << 14, dtype=np.int16)
+    k_lo_win = np.lib.stride_tricks.sliding_window_view(np.concatenate([klo, far], 1), width, axis=1)
+    k_hi_win = np.lib.stride_tricks.sliding_window_view(np.concatenate([khi, -far], 1), width, axis=1)
+    parts = ([], [])
+    step = max(1, _PAIR_CHUNK // width)
+    for r0 in range(0, start.size, step):
+        rows = np.arange(r0, min(r0 + step, start.size))
+        visited = np.ones((rows.size, width), dtype=bool)
+        full = np.ones((rows.size, width), dtype=bool)
+        for axis, r in enumerate(radius):  # box distance <= r: some pair; largest distance <= r: all
+            k_lo, k_hi = k_lo_win[axis, start[rows]], k_hi_win[axis, start[rows]]
+            q_lo, q_hi = qlo[axis, rows, None], qhi[axis, rows, None]
+            visited &= (k_lo <= q_hi + r) & (k_hi >= q_lo - r)
+            full &= (k_hi <= q_lo + r) & (k_lo >= q_hi - r)
+        full &= visited
+        for out, flags in zip(parts, (visited, full)):
+            row, lo, hi = _true_runs(flags)
+            base = start[rows[row]] + k0
+            out.append((rows[row] + q0, base + lo, base + hi))
+    return tuple(tuple(np.concatenate([p[i] for p in part]) for i in range(3)) for part in parts)
+
+
+def _cube_tile_runs(rule, geom: VideoGeometry, block_m: int, block_n: int):
+    """tile_runs for cube order: window boxes plus key-only keys and non-grid query rows."""
+    if rule[R.WIN_F] < 0 or rule[R.DIAG] >= 0 or rule[R.MD_S] >= 0:
+        raise ValueError("cube order supports window rules (with stripes) only, "
+                         f"not a diagonal, a spatial band or no window (rule {rule})")
+    nq, nk = _cdiv(geom.seq_len, block_m), _cdiv(geom.seq_len, block_n)
+    win_visited, win_full = _cube_window_parts(rule, geom, block_m, block_n)
+    key_any, key_full = _key_only(rule, R.CUBE, geom, block_n)
+    visited = [win_visited, _every_tile(nq, *key_any), _all_tiles_of(_mixed_q_tiles(geom, block_m), nk)]
+    full = [win_full, _every_tile(nq, *key_full), _all_tiles_of(_gridless_q_tiles(geom, block_m), nk)]
+    return _encode(visited, full, nq, nk)
 
 
 def _encode(visited, full, nq: int, nk: int):
@@ -264,10 +367,15 @@ def _encode(visited, full, nq: int, nk: int):
 
 
 def _choose_order(rule, geom: VideoGeometry, block_m: int, block_n: int):
-    """Order and runs of a rule: frame-major, except a spatial band without diagonal, window or stripe
-    keys (those scatter in space-major order) that visits fewer tiles space-major. The tile counts
-    are first estimated per q-tile; both orders are compiled only when the estimates are close.
-    Returns (order, row_ptr, runs)."""
+    """Order and runs of a rule: the cheaper (`tile_cost`) of frame-major and cube order for a window
+    without diagonal or spatial band; for a spatial band without diagonal, window or stripe keys
+    (those scatter in space-major order) the cheaper of frame-major and space-major, whose costs are
+    first estimated per q-tile (both orders are compiled only when the estimates are close);
+    frame-major otherwise. Returns (order, row_ptr, runs)."""
+    if rule[R.WIN_F] >= 0 and rule[R.DIAG] < 0 and rule[R.MD_S] < 0:
+        fm = tile_runs(rule, R.FRAME_MAJOR, geom, block_m, block_n)
+        cube = tile_runs(rule, R.CUBE, geom, block_m, block_n)
+        return (R.CUBE,) + cube if tile_cost(cube[1]) < tile_cost(fm[1]) else (R.FRAME_MAJOR,) + fm
     if rule[R.MD_S] < 0 or rule[R.DIAG] >= 0 or rule[R.WIN_F] >= 0 or rule[R.STRIPE_FIRST] > 0 \
             or rule[R.N_COLS] > 0:
         return (R.FRAME_MAJOR,) + tile_runs(rule, R.FRAME_MAJOR, geom, block_m, block_n)
@@ -282,12 +390,24 @@ def _choose_order(rule, geom: VideoGeometry, block_m: int, block_n: int):
     if frame_major * 1.5 < space_major:
         return (R.FRAME_MAJOR,) + fm
     sm = tile_runs(rule, R.SPACE_MAJOR, geom, block_m, block_n)
-    return (R.SPACE_MAJOR,) + sm if visited_tiles(sm[1]) < visited_tiles(fm[1]) else (R.FRAME_MAJOR,) + fm
+    return (R.SPACE_MAJOR,) + sm if tile_cost(sm[1]) < tile_cost(fm[1]) else (R.FRAME_MAJOR,) + fm
 
 
 def visited_tiles(runs: np.ndarray) -> int:
     """Number of (q-tile, k-tile) pairs the runs visit."""
     return int((runs[:, 1].astype(np.int64) - runs[:, 0]).sum())
+
+
+def full_tiles(runs: np.ndarray) -> int:
+    """Number of visited (q-tile, k-tile) pairs marked full (no mask computed)."""
+    return int(((runs[:, 1].astype(np.int64) - runs[:, 0]) * (runs[:, 2] != 0)).sum())
+
+
+def tile_cost(runs: np.ndarray) -> float:
+    """Predicted kernel work of the runs in full-tile units: full tiles count 1, partial tiles
+    PARTIAL_TILE_COST."""
+    full = full_tiles(runs)
+    return full + PARTIAL_TILE_COST * (visited_tiles(runs) - full)
 
 
 class TablePool:
@@ -304,6 +424,7 @@ class TablePool:
         self._runs: list[np.ndarray] = []
         self._count_ptr, self._count_runs = 1, 0
         self._tensors = None
+        self.cube_map: torch.Tensor | None = None  # int32 on the device once a rule runs in cube order
 
     def add(self, rule: list[int]) -> tuple[int, int, int]:
         """(order, row_base, visited tile count) of a non-skip rule; classified on first sight."""
@@ -317,6 +438,8 @@ class TablePool:
             self._count_runs += runs.shape[0]
             self._tensors = None
             self.entries[key] = (order, base, visited_tiles(runs))
+            if order == R.CUBE and self.cube_map is None:
+                self.cube_map = torch.from_numpy(_cube_map(self.geom).astype(np.int32)).to(self.device)
         return self.entries[key]
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,7 +455,8 @@ class TablePool:
     @property
     def nbytes(self) -> int:
         """Bytes of the pool's device tensors."""
-        return 4 * (self._count_ptr + 3 * self._count_runs)
+        cube = 0 if self.cube_map is None else self.cube_map.numel()
+        return 4 * (self._count_ptr + 3 * self._count_runs + cube)
 
 
 _POOLS: dict[tuple, TablePool] = {}
@@ -393,7 +517,8 @@ class LayerPlan:
         if self._tables is None or self._tables.row_ptr is not pool_tensors[0]:
             g = self.geometry
             self._tables = KernelTables(self.head_rules, *pool_tensors, g.prefix, g.frames, g.height,
-                                        g.width, g.seq_len, self.pool.block_m, self.pool.block_n)
+                                        g.width, g.seq_len, self.pool.block_m, self.pool.block_n,
+                                        self.pool.cube_map)
         return self._tables
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "bhld",

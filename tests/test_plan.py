@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_vdit.kernels.rule import FRAME_MAJOR, ORDER, ROW_BASE, SKIP_HEAD, SPACE_MAJOR, physical_to_logical
+from sparse_vdit.kernels.rule import (CUBE, FRAME_MAJOR, ORDER, ROW_BASE, SKIP_HEAD, SPACE_MAJOR, cube_order_map,
+                                     physical_to_logical)
 from sparse_vdit.strategies.geometry import VideoGeometry
 from sparse_vdit.strategies.patterns import (Dense, Diagonal, LocalWindow, MultiDiagonal, Skip, Union,
-                                             VerticalStripe)
-from sparse_vdit.strategies.plan import clear_plans, compile_layer, pool_bytes, tile_runs
+                                             VerticalStripe, pattern_for_density)
+from sparse_vdit.strategies.plan import (clear_plans, compile_layer, full_tiles, pool_bytes, tile_cost, tile_runs,
+                                         visited_tiles)
 
 GEOMS = [VideoGeometry(3, 5, 7, prefix=2, suffix=3), VideoGeometry(4, 3, 5), VideoGeometry(2, 7, 3, prefix=5),
          VideoGeometry(5, 1, 1, prefix=1), VideoGeometry(3, 4, 9, suffix=20), VideoGeometry(7, 4, 4, prefix=3)]
@@ -20,7 +22,8 @@ PATTERNS = [Dense(), Diagonal(0.0), Diagonal(0.6), Diagonal(1.7), MultiDiagonal(
             LocalWindow(2, 1.0, 1.0), LocalWindow(1, 1.0, 0.3), VerticalStripe(),
             VerticalStripe(0.5, ((0.3, 0.4), (0.7, 0.75))), Union(Diagonal(0.3), VerticalStripe(1.0)),
             Union(MultiDiagonal(0.1, 1), LocalWindow(0, 0.2, 0.2), VerticalStripe(0.2, ((0.9, 1.0),))),
-            Union(MultiDiagonal(0.3), VerticalStripe(0.0, ((0.4, 0.5),)))]
+            Union(MultiDiagonal(0.3), VerticalStripe(0.0, ((0.4, 0.5),))),
+            Union(LocalWindow(1, 0.25, 0.3), VerticalStripe(0.3, ((0.6, 0.7),)))]
 
 TILES = [(16, 16), (32, 16), (16, 32)]
 
@@ -54,7 +57,11 @@ def decode(row_ptr, runs, base, nq, nk):
 
 
 def orders_of(rule):
-    return [FRAME_MAJOR] + ([SPACE_MAJOR] if rule[2] < 0 and rule[5] < 0 else [])
+    """The orders valid for a rule: space-major without diagonal or window, cube order for windows
+    (with stripes) only."""
+    if rule[2] < 0 and rule[5] < 0:
+        return [FRAME_MAJOR, SPACE_MAJOR]
+    return [FRAME_MAJOR] + ([CUBE] if rule[2] < 0 and rule[3] < 0 else [])
 
 
 @pytest.mark.parametrize("geom", GEOMS, ids=str)
@@ -68,7 +75,10 @@ def test_tiles_match_brute_force_for_every_pattern_and_order(geom):
                 row_ptr, runs = tile_runs(rule, order, geom, bm, bn)
                 any_true, all_true = brute_tiles(mask, bm, bn)
                 visited, full = decode(row_ptr, runs, 0, *any_true.shape)
-                assert np.array_equal(visited, any_true), (p, order, bm, bn)
+                if order == CUBE:  # tiles straddling cubes are not boxes: visited is a superset
+                    assert not (any_true & ~visited).any(), (p, order, bm, bn)
+                else:
+                    assert np.array_equal(visited, any_true), (p, order, bm, bn)
                 assert not (full & ~all_true).any(), (p, order, bm, bn)
                 if isinstance(p, Dense):
                     assert full.all()
@@ -86,11 +96,31 @@ def test_full_tiles_are_found_where_bands_cover_them():
         assert full.sum() == all_true.sum(), p  # exact on tile-aligned sizes
 
 
-def test_space_major_rejects_frame_major_parts():
+@pytest.mark.parametrize("geom,tiles", [(VideoGeometry(3, 8, 16, prefix=64, suffix=16), [(16, 16), (32, 16), (64, 32)]),
+                                        (VideoGeometry(2, 16, 16), [(128, 64), (16, 64)])])
+def test_cube_order_tiles_are_exact_when_tiles_are_boxes(geom, tiles):
+    # H, W multiples of 8 and tiles aligned inside cubes (or whole cubes side by side): every tile's
+    # grid tokens form a box, so the box test is exact for windows
+    for p in (LocalWindow(1, 0.3, 0.2), LocalWindow(0, 0.0, 0.5), LocalWindow(2, 1.0, 0.6), LocalWindow(1, 0.5, 0.5)):
+        rule = p.head_rule(geom)
+        rule[ORDER] = CUBE
+        mask = physical_mask(p, CUBE, geom)
+        for bm, bn in tiles:
+            row_ptr, runs = tile_runs(rule, CUBE, geom, bm, bn)
+            any_true, all_true = brute_tiles(mask, bm, bn)
+            visited, full = decode(row_ptr, runs, 0, *any_true.shape)
+            assert np.array_equal(visited, any_true), (p, bm, bn)
+            assert np.array_equal(full, all_true), (p, bm, bn)
+
+
+def test_orders_reject_parts_they_cannot_classify():
     g = GEOMS[0]
     for p in (Diagonal(0.5), LocalWindow(1, 0.2, 0.2)):
         with pytest.raises(ValueError, match="space-major"):
             tile_runs(p.head_rule(g), SPACE_MAJOR, g, 16, 16)
+    for p in (Diagonal(0.5), Union(MultiDiagonal(0.1), LocalWindow(0, 0.2, 0.2)), VerticalStripe()):
+        with pytest.raises(ValueError, match="cube order"):
+            tile_runs(p.head_rule(g), CUBE, g, 16, 16)
 
 
 def test_compiled_layer_tables_order_choice_and_dedup():
@@ -215,3 +245,39 @@ def test_triton_backend_on_plan_tables_matches_float64_oracle(seed, layout, D, g
     rel = (out.double() - expected).norm() / expected.norm()
     assert rel <= 1e-5
     assert (out[:, 3] if layout == "bhld" else out[:, :, 3]).eq(0).all()
+
+
+def test_window_heads_get_cube_order_with_fewer_partial_tiles():
+    # Wan2.1 480p at the H200 tiles: the plan picks cube order for local windows; the tile counts
+    # (full counted 1, partial PARTIAL_TILE_COST) are the CPU proxy for kernel time
+    g = VideoGeometry(21, 30, 52)
+    for density in (0.1, 0.3):
+        p = pattern_for_density("local_window", density, g)
+        fm = tile_runs(p.head_rule(g), FRAME_MAJOR, g, 128, 64)[1]
+        plan = compile_layer((p, Skip()), g, 128, 64)
+        rule = plan.tables.head_rules[0].tolist()
+        assert rule[ORDER] == CUBE, density
+        nq = plan.tables.num_q_tiles
+        runs = plan.tables.runs.numpy()[plan.tables.row_ptr[rule[ROW_BASE]]:plan.tables.row_ptr[rule[ROW_BASE] + nq]]
+        assert visited_tiles(runs) - full_tiles(runs) < 0.9 * (visited_tiles(fm) - full_tiles(fm))
+        assert full_tiles(runs) > 0.2 * visited_tiles(runs) and full_tiles(fm) == 0
+        assert tile_cost(runs) < tile_cost(fm)
+        plan.tables.validate()
+        assert torch.equal(plan.tables.cube_map.long(), cube_order_map(g.frames, g.height, g.width))
+
+
+def test_plan_with_cube_heads_matches_float64_oracle():
+    pytest.importorskip("triton")
+    g = VideoGeometry(1, 10, 37, prefix=3, suffix=2)  # H, W not multiples of 8; tall narrow windows
+    heads = (LocalWindow(0, 0.5, 0.1), Skip(), Union(LocalWindow(0, 0.5, 0.1), VerticalStripe(0.1)), Diagonal(0.1))
+    plan = compile_layer(heads, g, 32, 16)
+    orders = plan.tables.head_rules[:, ORDER].tolist()
+    assert orders[0] == CUBE and orders[2] == CUBE and orders[3] == FRAME_MAJOR
+    plan.tables.validate(check_contents=True)
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, len(heads), g.seq_len, 64) for _ in range(3))
+    kv_len = torch.tensor([150], dtype=torch.int32)
+    expected = oracle(q, k, v, heads, g, kv_len, "bhld")
+    for backend in ("reference", "triton"):
+        out = plan.run(q, k, v, kv_len=kv_len, backend=backend)
+        assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5), backend
