@@ -6,7 +6,12 @@ FlexAttention on the identical block mask (its BlockMask is built from our table
 evaluates the same rule). Each sparse output is checked against float32 on sampled query rows.
 
     python3 -m sparse_vdit.bench.attention [--shapes wan13b,wan14b,hunyuan,cogvideox]
-        [--densities 0.05,0.15,0.3,0.5] [--tiles 128x64] [--flex-shapes ...] [--out DIR]
+        [--densities 0.05,0.15,0.3,0.5] [--families local_window,...] [--tiles 128x64]
+        [--flex-shapes ...] [--out DIR] [--quick]
+
+--quick: Wan2.1-1.3B and CogVideoX1.5, local windows only, densities 0.1 and 0.3, cuDNN baseline, no
+Flex (a few minutes of GPU time). Each sparse row's note names the head orders the plan chose (fm,
+sm, cube) and the full / partial tile counts.
 
 Prints a markdown table last and writes it (and the rows as JSON) to --out (default $OUT or .).
 """
@@ -27,7 +32,7 @@ from ..kernels import rule as R
 from ..kernels import rule_mask
 from ..strategies.geometry import VideoGeometry
 from ..strategies.patterns import FAMILIES, Dense, Skip, pattern_for_density
-from ..strategies.plan import clear_plans, compile_layer
+from ..strategies.plan import clear_plans, compile_layer, full_tiles, visited_tiles
 
 SHAPES = {  # name: (label, geometry, heads, head_dim)
     "wan13b": ("Wan2.1-1.3B 480p", VideoGeometry(frames=21, height=30, width=52), 12, 128),
@@ -65,6 +70,25 @@ def sampled_error(out, q, k, v, head_rules, geom: VideoGeometry, rows: int = 32)
     return worst
 
 
+ORDER_NAMES = {R.FRAME_MAJOR: "fm", R.SPACE_MAJOR: "sm", R.CUBE: "cube"}
+
+
+def tile_summary(tables) -> str:
+    """Head orders and full / partial tile counts of a layer's tables, e.g. 'cube x12; 4571 full, 14187 partial'."""
+    rules = tables.head_rules.cpu().tolist()
+    row_ptr, runs = tables.row_ptr.cpu().numpy(), tables.runs.cpu().numpy()
+    orders, full, visited = {}, 0, 0
+    for r in rules:
+        if r[R.ORDER] == R.SKIP_HEAD:
+            continue
+        name = ORDER_NAMES[r[R.ORDER]]
+        orders[name] = orders.get(name, 0) + 1
+        mine = runs[row_ptr[r[R.ROW_BASE]]:row_ptr[r[R.ROW_BASE] + tables.num_q_tiles]]
+        full, visited = full + full_tiles(mine), visited + visited_tiles(mine)
+    names = " ".join(f"{k} x{v}" for k, v in orders.items())
+    return f"{names}; {full} full, {visited - full} partial"
+
+
 def tile_masks(tables) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (head, q-tile, k-tile): visited-partial and full booleans [H, nq, nk] from the runs."""
     dev = tables.runs.device
@@ -94,19 +118,21 @@ class FlexOnTables:
 
         self.geom = geom
         self.rules = torch.zeros(heads, R.RULE_INTS, dtype=torch.int32, device=device)
+        self.cube_map = R.cube_order_map(geom.frames, geom.height, geom.width).to(device)
         self.flex = torch.compile(flex_attention, dynamic=False)
         self.mask_mod = self._make_mask_mod()
 
     def _make_mask_mod(self):
         g = self.geom
         prefix, F, W, P, N = g.prefix, g.frames, g.width, g.tokens_per_frame, g.grid_tokens
-        rules = self.rules
+        rules, cube_map = self.rules, self.cube_map
 
         def logical(p, order):
             gp = p - prefix
             on = (gp >= 0) & (gp < N)
             gs = torch.where(on, gp, 0)
-            return torch.where(on & (order == 1), prefix + (gs % F) * P + gs // F, p)
+            grid = torch.where(order == 1, (gs % F) * P + gs // F, torch.where(order == 2, cube_map[gs], gs))
+            return torch.where(on, prefix + grid, p)
 
         def mask_mod(b, h, q_idx, kv_idx):
             r = rules[h]
@@ -183,7 +209,7 @@ def mixed_layer(heads: int, geom: VideoGeometry) -> tuple:
 
 
 def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", dtype=torch.bfloat16,
-                use_flex: bool = True, baselines=("cudnn", "flash", "sage")) -> None:
+                use_flex: bool = True, baselines=("cudnn", "flash", "sage"), families=FAMILIES) -> None:
     """Time and check every variant at one (label, geometry, heads, head_dim); rows appended."""
     label, geom, H, D = shape
     L = geom.seq_len
@@ -239,8 +265,9 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
         add("ours dense" + tag, dense_ms, 1.0, dense_plan.tile_density,
             err=rel_err(out, dense_ref) if dense_ref is not None else None)
         configs = [(f"{fam} {d:g}", (pattern_for_density(fam, d, geom),) * H)
-                   for fam in FAMILIES for d in densities]
-        configs.append(("mixed layer", mixed_layer(H, geom)))
+                   for fam in families for d in densities]
+        if tuple(families) == tuple(FAMILIES):
+            configs.append(("mixed layer", mixed_layer(H, geom)))
         for name, patterns in configs:
             t0 = time.perf_counter()
             plan = compile_layer(patterns, geom, bm, bn, dev)
@@ -249,8 +276,9 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
             out = plan.run(q, k, v)
             ms = time_ms(lambda: plan.run(q, k, v))
             err = sampled_error(out, q, k, v, plan.head_rules, geom)
-            flex_ms, note = None, f"plan {compile_s * 1e3:.0f} ms; {patterns[0]}" if name != "mixed layer" else \
-                f"plan {compile_s * 1e3:.0f} ms"
+            flex_ms, note = None, f"plan {compile_s * 1e3:.0f} ms; {tile_summary(plan.tables)}"
+            if name != "mixed layer":
+                note += f"; {patterns[0]}"
             if flex is not None:
                 try:
                     run, to_logical = flex.prepare(plan, q, k, v)
@@ -300,7 +328,18 @@ def main(argv=None) -> None:
     ap.add_argument("--baselines", default="cudnn,flash,sage", help="dense baselines to time")
     ap.add_argument("--flex-shapes", default=None,
                     help="shapes that get the FlexAttention column (default: all; '' for none)")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="pattern families (the mixed layer "
+                    "runs only with all of them)")
+    ap.add_argument("--quick", action="store_true",
+                    help="wan13b,cogvideox; local_window at 0.1,0.3; cuDNN baseline; no Flex")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.shapes, args.densities, args.families = "wan13b,cogvideox", "0.1,0.3", "local_window"
+        args.baselines, args.flex_shapes = "cudnn", ""
+    families = [f for f in args.families.split(",") if f]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise SystemExit(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU")
     from ..kernels import preferred_tiles
@@ -324,7 +363,7 @@ def main(argv=None) -> None:
         try:
             use_flex = args.flex_shapes is None or key in args.flex_shapes.split(",")
             bench_shape(SHAPES[key], densities, tiles, rows, log, use_flex=use_flex,
-                        baselines=args.baselines.split(","))
+                        baselines=args.baselines.split(","), families=families)
         except Exception:
             log(traceback.format_exc())
         with open(os.path.join(args.out, "attention_rows.json"), "w") as fh:
