@@ -96,9 +96,18 @@ def _to_logical(p, order, prefix, F, P, N, inv_F, cube_map):
 
 
 @triton.jit
+def _near(a, b, r):
+    """|a[:, None] - b[None, :]| <= r for r >= 0 as one subtract and one unsigned compare per pair
+    (a + r is per row): a - b + r lies in [0, 2r] exactly when the distance is within r."""
+    return ((a + r)[:, None] - b[None, :]).to(tl.uint32, bitcast=True) <= (2 * r).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _rule_tile(rule, lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N, inv_P, inv_W):
     """The exact rule of kernels/rule.py (row at `rule`) on one [BLOCK_M, BLOCK_N] tile; the query
-    coordinates come precomputed, key coordinates are derived only for the enabled components."""
+    coordinates come precomputed, key coordinates are derived only for the enabled components.
+    A component with a negative radius is empty; the self pair is tested only when no enabled
+    component already holds it."""
     gk = lk - prefix
     k_grid = (gk >= 0) & (gk < N)
     n_cols = tl.load(rule + 9)
@@ -106,21 +115,23 @@ def _rule_tile(rule, lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N, inv_P,
     key_always = key_always | ((n_cols > 0) & (gk >= tl.load(rule + 10)) & (gk < tl.load(rule + 11)))
     key_always = key_always | ((n_cols > 1) & (gk >= tl.load(rule + 12)) & (gk < tl.load(rule + 13)))
     key_always = key_always | ((n_cols > 2) & (gk >= tl.load(rule + 14)) & (gk < tl.load(rule + 15)))
-    allowed = (q_grid == 0)[:, None] | key_always[None, :] | (lq[:, None] == lk[None, :])
+    allowed = (q_grid == 0)[:, None] | key_always[None, :]
     diag = tl.load(rule + 2)
+    md_s, md_t = tl.load(rule + 3), tl.load(rule + 4)
+    win_f, win_y, win_x = tl.load(rule + 5), tl.load(rule + 6), tl.load(rule + 7)
+    md_on = (md_s >= 0) & (md_t >= 0)
+    win_on = (win_f >= 0) & (win_y >= 0) & (win_x >= 0)
+    if (diag < 0) & (md_on == 0) & (win_on == 0):
+        allowed = allowed | (lq[:, None] == lk[None, :])
     if diag >= 0:
-        allowed = allowed | (tl.abs(gq[:, None] - gk[None, :]) <= diag)
-    md_s = tl.load(rule + 3)
-    win_f = tl.load(rule + 5)
-    if (md_s >= 0) | (win_f >= 0):
+        allowed = allowed | _near(gq, gk, diag)
+    if md_on | win_on:
         fk, sk = _divmod(tl.where(k_grid, gk, 0), P, inv_P)
-        df = tl.abs(fq[:, None] - fk[None, :])
-        if md_s >= 0:
-            allowed = allowed | ((tl.abs(sq[:, None] - sk[None, :]) <= md_s) & (df <= tl.load(rule + 4)))
-        if win_f >= 0:
+        if md_on:
+            allowed = allowed | (_near(sq, sk, md_s) & _near(fq, fk, md_t))
+        if win_on:
             yk, xk = _divmod(sk, W, inv_W)
-            allowed = allowed | ((df <= win_f) & (tl.abs(yq[:, None] - yk[None, :]) <= tl.load(rule + 6))
-                                 & (tl.abs(xq[:, None] - xk[None, :]) <= tl.load(rule + 7)))
+            allowed = allowed | (_near(fq, fk, win_f) & _near(yq, yk, win_y) & _near(xq, xk, win_x))
     return allowed
 
 
