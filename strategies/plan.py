@@ -282,6 +282,7 @@ def _cube_map(geom: VideoGeometry) -> np.ndarray:
     return R.cube_order_map(geom.frames, geom.height, geom.width).numpy()
 
 
+@functools.lru_cache(maxsize=32)
 def _tile_boxes(geom: VideoGeometry, block: int):
     """Cube order, tiles of `block` positions: (first grid-bearing tile, lo [3, n], hi [3, n]) with
     the per-axis (frame, row, column) min / max over each grid-bearing tile's grid tokens (int16)."""
@@ -290,15 +291,20 @@ def _tile_boxes(geom: VideoGeometry, block: int):
     coords = np.stack([g // P, g % P // W, g % W]).astype(np.int16)
     first, last = pre // block, (pre + N - 1) // block
     starts = np.maximum(np.arange(first, last + 1) * block - pre, 0)
-    return first, np.minimum.reduceat(coords, starts, axis=1), np.maximum.reduceat(coords, starts, axis=1)
+    lo, hi = np.minimum.reduceat(coords, starts, axis=1), np.maximum.reduceat(coords, starts, axis=1)
+    lo.flags.writeable = hi.flags.writeable = False  # cached: shared by every caller
+    return first, lo, hi
 
 
 def _true_runs(flags: np.ndarray):
     """(row, start, end) of the runs of True along each row of a 2-D bool array."""
-    edges = np.diff(np.pad(flags, ((0, 0), (1, 1))).view(np.int8), axis=1)
-    row, start = np.nonzero(edges == 1)
-    _, end = np.nonzero(edges == -1)
-    return row, start, end
+    f = flags.view(np.int8)
+    edges = np.empty((f.shape[0], f.shape[1] + 1), dtype=np.int8)
+    edges[:, 0], edges[:, -1] = f[:, 0], -f[:, -1]
+    np.subtract(f[:, 1:], f[:, :-1], out=edges[:, 1:-1])
+    row, col = np.nonzero(edges)
+    rise = edges[row, col] == 1  # runs alternate rise, fall along each row
+    return row[rise], col[rise], col[~rise]
 
 
 def _cube_window_parts(rule, geom: VideoGeometry, block_m: int, block_n: int):
@@ -480,6 +486,7 @@ def pool_bytes(device=None) -> int:
 def clear_plans() -> None:
     """Forget every compiled plan and table pool (memory is freed once no plan is referenced)."""
     _compile.cache_clear()
+    _tile_boxes.cache_clear()
     _POOLS.clear()
 
 
