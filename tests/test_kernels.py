@@ -255,7 +255,7 @@ def test_cube_order_heads_mixed_with_other_orders():
     rules = [make_rule(order=R.CUBE, win=(0, 7, 7)), make_rule(order=R.SKIP_HEAD),
              make_rule(order=R.CUBE, win=(0, 1, 2), stripe=12, cols=[(150, 170)]),
              make_rule(order=R.SPACE_MAJOR, md=(4, 1)), make_rule(order=R.CUBE, diag=5, md=(2, 0), win=(0, 4, 4)),
-             make_rule(order=R.CUBE, md=(3, -1), win=(0, -1, 2), stripe=5)]  # negative radii: empty parts
+             make_rule(order=R.FRAME_MAJOR, md=(3, -1), win=(0, -1, 2), stripe=5)]  # negative radii: empty parts
     tables = tables_from_rules(rules, prefix, F, H, W, L, bm, bn)
     runs0 = tables.runs[tables.row_ptr[1]:tables.row_ptr[2]]  # head 0, second q-tile
     assert runs0[:, 2].any() and (runs0[:, 2] == 0).any() and (runs0[:, 1] - runs0[:, 0]).sum() < tables.num_k_tiles - 2
