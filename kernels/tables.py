@@ -77,13 +77,17 @@ class KernelTables:
         """((active, skip), any cube-order head), computed once per head_rules tensor (one host
         sync) and cached on that tensor, so tables rebuilt around the same head_rules reuse it."""
         rules = self.head_rules
+        try:
+            version = rules._version
+        except RuntimeError:  # an inference tensor (made under torch.inference_mode) has no version
+            version = None
         cached = getattr(rules, "_sparse_vdit_head_split", None)
-        if cached is None or cached[0] != rules._version:
+        if cached is None or cached[0] != version:
             order = rules[:, ORDER].cpu()
             ids = torch.arange(self.heads)
             active = ids[order != SKIP_HEAD].to(device=self.device, dtype=torch.int32)
             skip = ids[order == SKIP_HEAD].to(device=self.device, dtype=torch.int64)
-            cached = (rules._version, ((active, skip), bool((order == CUBE).any())))
+            cached = (version, ((active, skip), bool((order == CUBE).any())))
             rules._sparse_vdit_head_split = cached
         return cached[1]
 

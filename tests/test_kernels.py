@@ -395,3 +395,14 @@ def test_all_skip_layer_is_zero_without_launch():
     for backend in ("triton", "reference"):
         out = sparse_attention(q, k, v, tables, layout="blhd", backend=backend)
         assert torch.equal(out, torch.zeros_like(q))
+
+
+def test_tables_made_under_inference_mode_run():
+    # ComfyUI samples under torch.inference_mode: head rules made there have no version counter
+    with torch.inference_mode():
+        tables = tables_from_rules([make_rule(order=R.CUBE, win=(0, 1, 1)), make_rule(order=R.SKIP_HEAD)],
+                                   1, 1, 4, 6, 27, 16, 16)
+        q, k, v = _inputs()
+        want = float64_attention(q, k, v, tables.head_rules.tolist(), (1, 1, 4, 6), "bhld", None, 0.125)
+        for backend in ("triton", "reference"):
+            assert rel_err(sparse_attention(q, k, v, tables, backend=backend), want) <= 1e-5
