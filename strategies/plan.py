@@ -425,15 +425,15 @@ class TablePool:
 
     def __init__(self, geom: VideoGeometry, block_m: int, block_n: int, device: torch.device):
         self.geom, self.block_m, self.block_n, self.device = geom, block_m, block_n, device
-        self.entries: dict[tuple[int, ...], tuple[int, int, int]] = {}  # rule key -> (order, base, tiles)
+        self.entries: dict[tuple[int, ...], tuple[int, int, int, float]] = {}  # key -> (order, base, tiles, cost)
         self._row_ptr = [np.zeros(1, np.int64)]
         self._runs: list[np.ndarray] = []
         self._count_ptr, self._count_runs = 1, 0
         self._tensors = None
         self.cube_map: torch.Tensor | None = None  # int32 on the device once a rule runs in cube order
 
-    def add(self, rule: list[int]) -> tuple[int, int, int]:
-        """(order, row_base, visited tile count) of a non-skip rule; classified on first sight."""
+    def add(self, rule: list[int]) -> tuple[int, int, int, float]:
+        """(order, row_base, visited tile count, tile_cost) of a non-skip rule; classified on first sight."""
         key = tuple(rule[R.DIAG:])
         if key not in self.entries:
             order, row_ptr, runs = _choose_order(rule, self.geom, self.block_m, self.block_n)
@@ -443,7 +443,7 @@ class TablePool:
             self._count_ptr += row_ptr.size - 1
             self._count_runs += runs.shape[0]
             self._tensors = None
-            self.entries[key] = (order, base, visited_tiles(runs))
+            self.entries[key] = (order, base, visited_tiles(runs), tile_cost(runs))
             if order == R.CUBE and self.cube_map is None:
                 self.cube_map = torch.from_numpy(_cube_map(self.geom).astype(np.int32)).to(self.device)
         return self.entries[key]
@@ -506,6 +506,7 @@ class LayerPlan:
     head_rules: torch.Tensor       # int32 [H, 16] on the device, ORDER and ROW_BASE filled in
     tile_density: float            # visited tiles / all tiles, over non-skip heads (0 if none)
     pool: TablePool
+    cost_density: float = 0.0      # tile_cost (partial tiles weighted) / all tiles, non-skip heads
     _tables: KernelTables | None = field(default=None, init=False, repr=False)
 
     @functools.cached_property
@@ -539,19 +540,19 @@ class LayerPlan:
 def _compile(patterns: tuple[Pattern, ...], geom: VideoGeometry, block_m: int, block_n: int,
              device: torch.device) -> LayerPlan:
     pool = table_pool(geom, block_m, block_n, device)
-    compiled: dict[Pattern, tuple[list[int], int]] = {}  # pattern -> (rule, visited tiles)
+    compiled: dict[Pattern, tuple[list[int], int, float]] = {}  # pattern -> (rule, visited tiles, cost)
     for p in patterns:
         if p not in compiled:
-            rule, tiles = p.head_rule(geom), 0
+            rule, tiles, cost = p.head_rule(geom), 0, 0.0
             if rule[R.ORDER] != R.SKIP_HEAD:
-                rule[R.ORDER], rule[R.ROW_BASE], tiles = pool.add(rule)
-            compiled[p] = (rule, tiles)
+                rule[R.ORDER], rule[R.ROW_BASE], tiles, cost = pool.add(rule)
+            compiled[p] = (rule, tiles, cost)
     rules = [compiled[p][0] for p in patterns]
-    visited = sum(compiled[p][1] for p in patterns)
     active = sum(r[R.ORDER] != R.SKIP_HEAD for r in rules)
-    nq, nk = _cdiv(geom.seq_len, block_m), _cdiv(geom.seq_len, block_n)
+    all_tiles = active * _cdiv(geom.seq_len, block_m) * _cdiv(geom.seq_len, block_n)
+    visited, cost = (sum(compiled[p][i] for p in patterns) / all_tiles if active else 0.0 for i in (1, 2))
     head_rules = torch.tensor(rules, dtype=torch.int32).to(device)
-    return LayerPlan(geom, patterns, head_rules, visited / (active * nq * nk) if active else 0.0, pool)
+    return LayerPlan(geom, patterns, head_rules, visited, pool, cost)
 
 
 def compile_layer(patterns, geom: VideoGeometry, block_m: int, block_n: int, device="cpu") -> LayerPlan:

@@ -262,6 +262,8 @@ def test_window_heads_get_cube_order_with_fewer_partial_tiles():
         assert visited_tiles(runs) - full_tiles(runs) < 0.9 * (visited_tiles(fm) - full_tiles(fm))
         assert full_tiles(runs) > 0.2 * visited_tiles(runs) and full_tiles(fm) == 0
         assert tile_cost(runs) < tile_cost(fm)
+        assert plan.cost_density == pytest.approx(tile_cost(runs) / (nq * plan.tables.num_k_tiles))
+        assert plan.tile_density == pytest.approx(visited_tiles(runs) / (nq * plan.tables.num_k_tiles))
         plan.tables.validate()
         assert torch.equal(plan.tables.cube_map.long(), cube_order_map(g.frames, g.height, g.width))
 
