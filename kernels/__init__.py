@@ -24,10 +24,18 @@ _BACKENDS = ("triton", "reference")
 
 
 def preferred_tiles(head_dim: int, device=None) -> tuple[int, int]:
-    """(block_m, block_n) the Triton kernel runs best with for this head_dim on `device`."""
-    from .triton_attention import preferred_tiles as _preferred
-
-    return _preferred(head_dim, device)
+    """(block_m, block_n) for this head_dim on `device`: 128x64 where shared memory is large
+    (Hopper / A100-class), 64x64 on ~100 KB consumer GPUs and the CPU interpreter."""
+    if head_dim not in (64, 128):
+        raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
+    device = torch.device(device if device is not None else "cuda")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return (64, 64)
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    if smem >= 160 * 1024:
+        return (128, 64)
+    return (64, 64)
 
 
 def supports(q: torch.Tensor) -> Optional[str]:

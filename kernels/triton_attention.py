@@ -43,21 +43,6 @@ if _INTERPRET:
     _fix_interpreter_scalar_index()
 
 
-def preferred_tiles(head_dim: int, device=None) -> tuple[int, int]:
-    """(block_m, block_n) for this head_dim on `device`: 128x64 where shared memory is large
-    (Hopper / A100-class), 64x64 on ~100 KB consumer GPUs and the CPU interpreter."""
-    if head_dim not in (64, 128):
-        raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
-    device = torch.device(device if device is not None else "cuda")
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return (64, 64)
-    props = torch.cuda.get_device_properties(device)
-    smem = getattr(props, "shared_memory_per_block_optin", 0)
-    if smem >= 160 * 1024:
-        return (128, 64)
-    return (64, 64)
-
-
 def _autotune_configs() -> list:
     """Warps x stages to tune over; SPARSE_VDIT_TRITON_CONFIGS="8x3,8x2" narrows the list."""
     if _INTERPRET:
