@@ -87,6 +87,8 @@ def main(argv=None) -> str:
         ("candidates", len(candidates)),
         ("dense run (s)", f"{t_dense:.2f}"), ("search, both passes (s)", f"{t_search:.2f}"),
         ("search / dense", f"{t_search / t_dense:.2f}x (target <= 2.5x)"),
+        ("dense pass / closed pass (s)", " / ".join(f"{result.pass_seconds.get(k, float('nan')):.2f}"
+                                                     for k in ("dense", "closed"))),
         ("cost table measurement, one-off (s)", f"{t_cost:.2f}"),
         ("peak GPU memory dense / search (GiB)", f"{mem_dense:.2f} / {mem_search:.2f}"),
         ("predicted attention speedup", f"{sel.predicted_speedup:.2f}x ({cost.unit})"),

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -389,6 +390,7 @@ class SearchResult:
     record: SearchRecord
     dense_latents: Any
     closed_latents: Any
+    pass_seconds: dict = field(default_factory=dict)  # wall time of each pass run here
 
 
 def finalize(state: SearchState, settings: SearchSettings, *, meta: dict | None = None):
@@ -467,19 +469,24 @@ def search(run: Callable[[Any], Any], *, sigmas: Sequence[float], layers: int, s
 
     controller = SearchController(state, settings, cost_model_factory=cost_model_factory, on_step=on_step)
     dense_latents = closed_latents = None
+    seconds = {}
     if state.phase == "dense":
+        started = time.perf_counter()
         dense_latents = run(controller)
+        seconds["dense"] = time.perf_counter() - started
         _finish_pass(state, settings, "closed" if settings.closed_loop else "done", state_path)
         if progress is not None:
             progress(T, total)
     if state.phase == "closed":
         controller._seen.clear()
+        started = time.perf_counter()
         closed_latents = run(controller)
+        seconds["closed"] = time.perf_counter() - started
         _finish_pass(state, settings, "done", state_path)
         if progress is not None:
             progress(total, total)
     strategy, sel, record = finalize(state, settings, meta=meta)
-    return SearchResult(strategy, sel, record, dense_latents, closed_latents)
+    return SearchResult(strategy, sel, record, dense_latents, closed_latents, seconds)
 
 
 def _finish_pass(state: SearchState, settings: SearchSettings, next_phase: str, state_path) -> None:
