@@ -17,7 +17,7 @@ from comfy_api.latest import io, ui
 
 from ..adapters import loading, sampling
 from . import latent_convention, strategy_store
-from .search_node import search_and_save
+from .search_node import search_and_save, search_budget_inputs, search_outputs
 from .sockets import CATEGORY, Strategy
 
 DiffusersModel = io.Custom("SPARSE_VDIT_DIFFUSERS_MODEL")
@@ -231,17 +231,9 @@ class DiffusersSearch(io.ComfyNode):
                 io.Float.Input("shift", default=5.0, min=0.0, max=100.0, step=0.1,
                                tooltip="Flow shift (Wan, HunyuanVideo; unused by CogVideoX)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Noise seed."),
-                io.Combo.Input("budget", options=["target speedup", "error budget"],
-                               tooltip="Aim for an attention speedup, or for a total error."),
-                io.Float.Input("value", default=2.0, min=0.0, max=1000.0, step=0.01,
-                               tooltip="The target attention speedup (e.g. 2.0) or the error budget."),
-                io.String.Input("filename_prefix", default="sparse_vdit/search",
-                                tooltip="Name of the strategy file inside models/sparse_strategies."),
-                io.Boolean.Input("resume", default=True,
-                                 tooltip="Continue a cancelled search with the same settings; off: start over."),
+                *search_budget_inputs(),
             ],
-            outputs=[Strategy.Output(display_name="strategy"), io.Latent.Output(display_name="dense_latent"),
-                     io.String.Output(display_name="info")],
+            outputs=search_outputs(),
             is_output_node=True,
             not_idempotent=True,
         )

@@ -63,17 +63,9 @@ class SearchStrategy(io.ComfyNode):
                                default="uni_pc", tooltip="Sampler, as in your KSampler."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS),
                                default="simple", tooltip="Scheduler, as in your KSampler."),
-                io.Combo.Input("budget", options=["target speedup", "error budget"],
-                               tooltip="Aim for an attention speedup, or for a total error."),
-                io.Float.Input("value", default=2.0, min=0.0, max=1000.0, step=0.01,
-                               tooltip="The target attention speedup (e.g. 2.0) or the error budget."),
-                io.String.Input("filename_prefix", default="sparse_vdit/search",
-                                tooltip="Name of the strategy file inside models/sparse_strategies."),
-                io.Boolean.Input("resume", default=True,
-                                 tooltip="Continue a cancelled search with the same settings; off: start over."),
+                *search_budget_inputs(),
             ],
-            outputs=[Strategy.Output(display_name="strategy"), io.Latent.Output(display_name="dense_latent"),
-                     io.String.Output(display_name="info")],
+            outputs=search_outputs(),
             is_output_node=True,
             not_idempotent=True,
         )
@@ -101,6 +93,26 @@ class SearchStrategy(io.ComfyNode):
         info = (f"saved models/{strategy_store.FOLDER}/{name}: predicted attention speedup "
                 f"{result.selection.predicted_speedup:.2f}x, predicted error {result.selection.predicted_error:.4g}")
         return io.NodeOutput(result.strategy, dict(latent, samples=dense_samples), info, ui=ui.PreviewText(info))
+
+
+def search_budget_inputs() -> list:
+    """The inputs every search node shares: budget kind and value, output file, resume."""
+    return [
+        io.Combo.Input("budget", options=["target speedup", "error budget"],
+                       tooltip="Aim for an attention speedup, or for a total error."),
+        io.Float.Input("value", default=2.0, min=0.0, max=1000.0, step=0.01,
+                       tooltip="The target attention speedup (e.g. 2.0) or the error budget."),
+        io.String.Input("filename_prefix", default="sparse_vdit/search",
+                        tooltip="Name of the strategy file inside models/sparse_strategies."),
+        io.Boolean.Input("resume", default=True,
+                         tooltip="Continue a cancelled search with the same settings; off: start over."),
+    ]
+
+
+def search_outputs() -> list:
+    """The outputs every search node shares: the strategy, the dense latent, a summary line."""
+    return [Strategy.Output(display_name="strategy"), io.Latent.Output(display_name="dense_latent"),
+            io.String.Output(display_name="info")]
 
 
 def search_and_save(run, schedule, layers: int, *, budget: str, value: float, seed: int, filename_prefix: str,
