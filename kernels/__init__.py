@@ -15,7 +15,7 @@ from .rule import rule_mask
 from .tables import KernelTables
 from .tile_oracle import tables_from_rules
 
-__all__ = ["sparse_attention", "supports", "preferred_tiles", "KernelTables", "rule_mask",
+__all__ = ["sparse_attention", "supports", "check_qkv", "preferred_tiles", "KernelTables", "rule_mask",
            "sparse_attention_reference", "tables_from_rules"]
 
 _LAYOUTS = ("bhld", "blhd")
@@ -59,7 +59,9 @@ def supports(q: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _check_inputs(q, k, v, tables: KernelTables, layout: str, kv_len) -> None:
+def check_qkv(q, k, v, layout: str) -> tuple[int, int, int]:
+    """(batch, heads, length) of q/k/v in `layout`; ValueError naming any mismatch of layout,
+    rank, shape, dtype or device between the three."""
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -67,8 +69,6 @@ def _check_inputs(q, k, v, tables: KernelTables, layout: str, kv_len) -> None:
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D ({layout}), got shape {tuple(t.shape)}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name}'s last dimension must be contiguous (stride {t.stride(-1)})")
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} != q shape {tuple(q.shape)}")
@@ -76,11 +76,19 @@ def _check_inputs(q, k, v, tables: KernelTables, layout: str, kv_len) -> None:
             raise ValueError(f"{name} dtype {t.dtype} != q dtype {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    B = q.shape[0]
+    H, L = (q.shape[1], q.shape[2]) if layout == "bhld" else (q.shape[2], q.shape[1])
+    return B, H, L
+
+
+def _check_inputs(q, k, v, tables: KernelTables, layout: str, kv_len) -> None:
+    B, H, L = check_qkv(q, k, v, layout)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}'s last dimension must be contiguous (stride {t.stride(-1)})")
     tables.validate()
     if tables.device != q.device:
         raise ValueError(f"tables are on {tables.device}, q on {q.device}")
-    B = q.shape[0]
-    L, H = (q.shape[2], q.shape[1]) if layout == "bhld" else (q.shape[1], q.shape[2])
     if H != tables.heads:
         raise ValueError(f"q has {H} heads, tables have {tables.heads}")
     if L != tables.seq_len:

@@ -113,8 +113,6 @@ class SparseEngine:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def _check(self, q, k, v, layer, sigma, geometry, layout) -> None:
-        if layout not in ("bhld", "blhd"):
-            raise ValueError(f"layout must be 'bhld' or 'blhd', got {layout!r}")
         if not isinstance(geometry, VideoGeometry):
             raise ValueError(f"geometry must be a VideoGeometry, got {type(geometry).__name__}")
         if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or math.isnan(sigma):
@@ -122,18 +120,7 @@ class SparseEngine:
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) \
                 or not 0 <= layer < self.strategy.layers:
             raise ValueError(f"layer {layer!r} is out of range: the strategy has {self.strategy.layers} layers")
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                raise ValueError(f"{name} must be a 4-D tensor ({layout}), got "
-                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        for name, t in (("k", k), ("v", v)):
-            if t.shape != q.shape:
-                raise ValueError(f"{name} shape {tuple(t.shape)} != q shape {tuple(q.shape)}")
-            if t.dtype != q.dtype:
-                raise ValueError(f"{name} dtype {t.dtype} != q dtype {q.dtype}")
-            if t.device != q.device:
-                raise ValueError(f"{name} is on {t.device}, q on {q.device}")
-        heads, length = (q.shape[1], q.shape[2]) if layout == "bhld" else (q.shape[2], q.shape[1])
+        _batch, heads, length = kernels.check_qkv(q, k, v, layout)
         geometry.check_seq_len(length)
         if heads != self.strategy.heads:
             raise ValueError(f"q has {heads} heads, the strategy has {self.strategy.heads}")
