@@ -6,13 +6,25 @@ exact rule of kernels/rule.py chunk by chunk over queries and runs a masked soft
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .rule import ORDER, SKIP_HEAD, rule_mask
+from .rule import ORDER, ROW_BASE, SKIP_HEAD, rule_mask
 from .tables import KernelTables
 
 # Largest mask chunk (query rows x keys) materialised at once.
 MAX_CHUNK_ELEMENTS = 64 * 1024 * 1024
+# Whole masks up to this size (L x L) are kept per (rule, geometry): the CPU path calls the same
+# few rules on every layer and step, and building a mask costs more than using it.
+CACHED_MASK_ELEMENTS = 16 * 1024 * 1024
+
+
+@functools.lru_cache(maxsize=64)
+def _whole_mask(rule: tuple, prefix: int, frames: int, height: int, width: int, length: int,
+                device: str) -> torch.Tensor:
+    keys = torch.arange(length, device=device)
+    return rule_mask(list(rule), prefix, frames, height, width, keys, keys)
 
 
 def to_bhld(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -46,7 +58,11 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             continue
         for start in range(0, L, chunk):
             rows = keys[start:start + chunk]
-            allowed = rule_mask(rule, *geom, rows, keys)
+            if L * L <= CACHED_MASK_ELEMENTS:
+                key = tuple(0 if i == ROW_BASE else x for i, x in enumerate(rule))  # pool offset: no part of the mask
+                allowed = _whole_mask(key, *geom, L, str(q.device))[start:start + chunk]
+            else:
+                allowed = rule_mask(rule, *geom, rows, keys)
             for b in range(B):
                 mask = allowed & (keys < lengths[b])[None, :]
                 s = (qb[b, h, start:start + chunk].float() @ kb[b, h].float().T) * scale
