@@ -38,6 +38,23 @@ CUBE = 2
 CUBE_EDGE = 8
 
 
+def make_rule(order: int = 0, diag: int = -1, md=None, win=None, stripe: int = 0, cols=()) -> list[int]:
+    """A 16-int rule row with every component off except those given: md = (spatial radius,
+    frame radius), win = (frame, row, column radii), cols = [(start, end), ...] grid ranges."""
+    r = [0] * RULE_INTS
+    r[ORDER], r[DIAG], r[MD_S], r[MD_T], r[WIN_F], r[WIN_Y], r[WIN_X] = order, diag, -1, -1, -1, -1, -1
+    if md is not None:
+        r[MD_S], r[MD_T] = md
+    if win is not None:
+        r[WIN_F], r[WIN_Y], r[WIN_X] = win
+    if len(cols) > MAX_COLS:
+        raise ValueError(f"at most {MAX_COLS} column ranges, got {len(cols)}")
+    r[STRIPE_FIRST], r[N_COLS] = stripe, len(cols)
+    for i, (a, b) in enumerate(cols):
+        r[COLS + 2 * i], r[COLS + 2 * i + 1] = a, b
+    return r
+
+
 def _as_rule_rows(rules) -> tuple[torch.Tensor, bool]:
     """Return rules as an int64 [H, 16] CPU-or-device tensor and whether the input was one row."""
     t = torch.as_tensor(rules)

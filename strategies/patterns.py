@@ -110,9 +110,7 @@ class Pattern:
 
         Radii are clamped to the grid so equal masks give equal rules (and share plan tables).
         """
-        rule = [0] * R.RULE_INTS
-        for field in (R.DIAG, R.MD_S, R.MD_T, R.WIN_F, R.WIN_Y, R.WIN_X):
-            rule[field] = -1
+        rule = R.make_rule()
         self._fill_rule(rule, geom)
         return rule
 

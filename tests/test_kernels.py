@@ -12,22 +12,8 @@ import triton.language as tl
 from sparse_vdit.kernels import (KernelTables, rule_mask, sparse_attention, sparse_attention_reference,
                                  supports, tables_from_rules)
 from sparse_vdit.kernels import rule as R
+from sparse_vdit.kernels.rule import make_rule
 from sparse_vdit.kernels.triton_attention import _divmod, launch_sparse_attention
-
-
-def make_rule(order=0, diag=-1, md=None, win=None, stripe=0, cols=()):
-    """A 16-int rule row; md = (spatial, frames), win = (f, y, x), cols = [(start, end), ...]."""
-    r = [0] * R.RULE_INTS
-    r[R.ORDER], r[R.DIAG], r[R.MD_S], r[R.WIN_F] = order, diag, -1, -1
-    if md is not None:
-        r[R.MD_S], r[R.MD_T] = md
-    if win is not None:
-        r[R.WIN_F], r[R.WIN_Y], r[R.WIN_X] = win
-    r[R.STRIPE_FIRST] = stripe
-    r[R.N_COLS] = len(cols)
-    for i, (a, b) in enumerate(cols):
-        r[R.COLS + 2 * i], r[R.COLS + 2 * i + 1] = a, b
-    return r
 
 
 def random_rule(rng: random.Random, F: int, H: int, W: int, kind: str):

@@ -12,30 +12,19 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _rule(order=0, diag=-1, md=None, win=None, stripe=0, cols=()):
-    r = [0] * R.RULE_INTS
-    r[R.ORDER], r[R.DIAG], r[R.MD_S], r[R.WIN_F] = order, diag, -1, -1
-    if md is not None:
-        r[R.MD_S], r[R.MD_T] = md
-    if win is not None:
-        r[R.WIN_F], r[R.WIN_Y], r[R.WIN_X] = win
-    r[R.STRIPE_FIRST], r[R.N_COLS] = stripe, len(cols)
-    for i, (a, b) in enumerate(cols):
-        r[R.COLS + 2 * i], r[R.COLS + 2 * i + 1] = a, b
-    return r
 
 
 def _layer_rules(F, H, W):
     """One head of every kind: band, spatial band (space-major), 3D window, stripes, dense, skip."""
     P, N = H * W, F * H * W
     return [
-        _rule(diag=P // 2 + 37),
-        _rule(order=1, md=(P // 9, F)),
-        _rule(order=1, win=(1, H // 5, W // 6)),
-        _rule(stripe=P, cols=[(N // 2, N // 2 + 700)]),
-        _rule(diag=N),
-        _rule(order=R.SKIP_HEAD),
-        _rule(order=1, diag=P, md=(50, 1), win=(0, 3, 3), stripe=100),
+        R.make_rule(diag=P // 2 + 37),
+        R.make_rule(order=1, md=(P // 9, F)),
+        R.make_rule(order=1, win=(1, H // 5, W // 6)),
+        R.make_rule(stripe=P, cols=[(N // 2, N // 2 + 700)]),
+        R.make_rule(diag=N),
+        R.make_rule(order=R.SKIP_HEAD),
+        R.make_rule(order=1, diag=P, md=(50, 1), win=(0, 3, 3), stripe=100),
     ]
 
 
