@@ -31,6 +31,7 @@ from ..adapters.loading import build_empty, materialise, shipped_config
 from ..strategies.engine import SparseEngine
 from ..strategies.patterns import pattern_for_density
 from ..strategies.strategy import Strategy
+from .report import emit
 
 PAPER_FAMILIES = ("diagonal", "multi_diagonal", "vertical_stripe")
 DENSITIES = (0.25, 0.45)
@@ -221,11 +222,7 @@ def main(argv=None) -> str:
     where = "CPU, tiny configs, fp32, reference kernel" if args.tiny else \
         f"{torch.cuda.get_device_name()}, bf16, SDPA preferring cuDNN"
     table = markdown(rows, f"End-to-end forward, {where}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
-    return table
+    return emit(table, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv
 steps=("${@:-attention e2e search quality}")
 for step in ${steps[*]}; do
   case $step in
-    attention) timeout 150 python3 -m sparse_vdit.bench.attention --quick --out "$OUT/attention.md" ;;
+    attention) timeout 150 python3 -m sparse_vdit.bench.attention --quick --out "$OUT" ;;
     e2e)       timeout 300 python3 -m sparse_vdit.bench.e2e --models hunyuan,cogvideox,wan13b --out "$OUT/e2e.md" ;;
     search)    timeout 120 python3 -m sparse_vdit.bench.search --out "$OUT/search.md" ;;
     quality)   timeout 300 python3 -m sparse_vdit.bench.search_quality --targets 4,3,6,10 --out "$OUT/search_quality.md" ;;

@@ -22,6 +22,7 @@ from ..adapters.wan import wan_geometry
 from ..cli import wan_runner
 from ..strategies.cost import CostModel
 from ..strategies.search import SearchSettings, candidate_set, search
+from .report import emit
 
 REAL = ("Wan2.1-1.3B 480p 81f", "wan-t2v-1.3b", (1, 16, 21, 60, 104), 512)
 TINY = ("Wan tiny (CPU)", "wan-tiny", (1, 4, 3, 8, 12), 7)
@@ -96,11 +97,7 @@ def main(argv=None) -> str:
         ("warm-up buckets / dense layers", f"{sel.warmup_buckets} / {sorted(sel.dense_layers)}"),
     ]
     table = "| quantity | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
-    return table
+    return emit(table, args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from ..testbed.data import TRAIN_PROMPTS
 from ..testbed.generate import generate
 from ..testbed.model import WEIGHTS_DIR, load_testbed
 from ..testbed.quality import EVAL_PROMPTS, EVAL_SEEDS, Harness, baseline_patterns, uniform_strategy
+from .report import emit
 
 CALIBRATION = (TRAIN_PROMPTS[0].text, TRAIN_PROMPTS[len(TRAIN_PROMPTS) // 2].text)
 CALIBRATION_SEEDS = (100, 101)
@@ -128,11 +129,7 @@ def main(argv=None) -> str:
             f"| {predicted:.4g} | {warm_desc} / {sorted(strategy.dense_layers)} | {base_cells} |")
     lines += ["", f"Spearman rank correlation of predicted error with PSNR loss: {spearman:.2f}"]
     table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
-    return table
+    return emit(table, args.out)
 
 
 if __name__ == "__main__":
