@@ -121,11 +121,23 @@ def _rule_tile(rule, lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N, inv_P,
 
 
 @triton.jit
+def _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION: tl.constexpr):
+    """Fold one k-tile's scores `s` (masked entries -inf) and values `v` into the running state."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, kt_hi, k_base, v_base,
                   stride_kl, stride_vl, rule, order, cube_map, prefix, F, P, W, N, L, kv_end, qk_scale,
                   inv_F, inv_P, inv_W, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update over k-tiles [kt_lo, kt_hi); MASKED evaluates the rule and kv_len."""
+    """Online-softmax update over k-tiles [kt_lo, kt_hi) with K/V rows gathered through the head's
+    physical->logical map; MASKED evaluates the rule and kv_len."""
     offs_d = tl.arange(0, HEAD_DIM)
     for kt in range(kt_lo, kt_hi):
         offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,30 +149,39 @@ def _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, kt_hi
         if MASKED:
             allowed = _rule_tile(rule, lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N, inv_P, inv_W)
             s = tl.where(allowed & (lk < kv_end)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + lk.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
                     mask=k_valid[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_full_tiles_tma(acc, m_i, l_i, q, kt_lo, kt_hi, desc_k, desc_v, k_row, k_col, v_row, v_col,
+                           qk_scale, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax update over full k-tiles [kt_lo, kt_hi) of a frame-major head (physical order
+    is token order, so a tile is BLOCK_N consecutive rows), K/V fetched by TMA through 2D
+    descriptors whose rows are the tensor's token rows (`*_row`/`*_col`: where this head's token 0 is)."""
+    for kt in range(kt_lo, kt_hi):
+        k = desc_k.load([k_row + kt * BLOCK_N, k_col])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        v = desc_v.load([v_row + kt * BLOCK_N, v_col])
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION)
     return acc, m_i, l_i
 
 
 # work_bucket (bit length of the program count) is only an autotune key: the best warps/stages
 # depend on how many programs fill the GPU.
 @triton.autotune(configs=_autotune_configs(),
-                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "work_bucket"],
+                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "work_bucket", "USE_TMA"],
                  cache_results=True)
-@triton.jit
+@triton.jit(do_not_specialize=["n_active", "work_bucket"])  # one binary whatever the head mix
 def _sparse_attention_fwd(
-    Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN, CUBE_MAP,
+    Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN, CUBE_MAP, DESC_K, DESC_V,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
     n_active, L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale, work_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KV_LEN: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KV_LEN: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -198,6 +219,13 @@ def _sparse_attention_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
+    if USE_TMA:
+        # this head's token 0 as (row, column) of the 2D descriptors (rows of stride stride_kl)
+        k_off = b * stride_kb + h * stride_kh
+        v_off = b * stride_vb + h * stride_vh
+        k_row, v_row = (k_off // stride_kl).to(tl.int32), (v_off // stride_vl).to(tl.int32)
+        k_col, v_col = (k_off % stride_kl).to(tl.int32), (v_off % stride_vl).to(tl.int32)
+
     run_lo = tl.load(ROW_PTR + row_base + pid_m)
     run_hi = tl.load(ROW_PTR + row_base + pid_m + 1)
     for r in range(run_lo, run_hi):
@@ -206,10 +234,17 @@ def _sparse_attention_fwd(
         full = tl.load(RUNS + 3 * r + 2)
         # full tiles before the cut need no mask; partial tiles and the rest do
         split = tl.where(full != 0, tl.maximum(kt_lo, tl.minimum(kt_hi, first_cut_tile)), kt_lo)
-        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, split,
-                                      k_base, v_base, stride_kl, stride_vl, rule, order, CUBE_MAP, prefix, F, P, W,
-                                      N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
-                                      HEAD_DIM, BLOCK_N, False, PRECISION)
+        tma_head = False
+        if USE_TMA:
+            tma_head = order == 0
+        if tma_head:
+            acc, m_i, l_i = _attend_full_tiles_tma(acc, m_i, l_i, q, kt_lo, split, DESC_K, DESC_V,
+                                                   k_row, k_col, v_row, v_col, qk_scale, BLOCK_N, PRECISION)
+        else:
+            acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, split,
+                                          k_base, v_base, stride_kl, stride_vl, rule, order, CUBE_MAP, prefix,
+                                          F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
+                                          HEAD_DIM, BLOCK_N, False, PRECISION)
         acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, split, kt_hi,
                                       k_base, v_base, stride_kl, stride_vl, rule, order, CUBE_MAP, prefix, F, P, W,
                                       N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
@@ -221,8 +256,67 @@ def _sparse_attention_fwd(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_valid[:, None])
 
 
+_REUSE_TUNED = [0]  # depth of reuse_tuned_configs() blocks
+
+
+@contextlib.contextmanager
+def reuse_tuned_configs():
+    """Inside this block a launch whose autotune key is new takes the config already tuned for the
+    nearest work bucket (same head_dim, tiles, precision, dtype) instead of benchmarking every
+    config again; with nothing tuned yet it autotunes as usual. For callers that launch many head
+    mixes of one geometry (the strategy search): each new work bucket would cost a full autotune."""
+    _REUSE_TUNED[0] += 1
+    try:
+        yield
+    finally:
+        _REUSE_TUNED[0] -= 1
+
+
+def _nearest_tuned(head: tuple, bucket: int, dtype: torch.dtype):
+    """Launch options of the config tuned for the work bucket nearest `bucket` under the same key
+    head, or None when `bucket` itself is tuned or nothing fits (then the autotuner runs)."""
+    best = None
+    for key, config in dict(getattr(_sparse_attention_fwd, "cache", None) or {}).items():
+        if tuple(key[:4]) != head or str(dtype) not in key[5:]:
+            continue
+        if key[4] == bucket:
+            return None
+        if best is None or abs(key[4] - bucket) < best[0]:
+            best = (abs(key[4] - bucket), config)
+    if best is None:
+        return None
+    config = best[1]
+    if hasattr(config, "all_kwargs"):
+        return config.all_kwargs()
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
 def _bhld(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if layout == "bhld" else x.transpose(1, 2)
+
+
+def _tma_enabled() -> bool:
+    """TMA descriptors for frame-major full tiles: on by default on Hopper and newer GPUs and under
+    the interpreter; SPARSE_VDIT_TMA=0 turns them off (the gathered-load path then runs every tile)."""
+    return os.environ.get("SPARSE_VDIT_TMA", "1") != "0"
+
+
+def _row_descriptor(x: torch.Tensor, block_rows: int):
+    """A 2D TMA descriptor viewing x ([B, H, L, D], last dim contiguous) as rows of its token stride
+    (every head's D values then sit inside one row), or None when x's strides or alignment don't allow it."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, H, L, D = x.shape
+    sb, sh, sl, sd = x.stride()
+    if sd != 1 or sl < D or (sl * x.element_size()) % 16 or x.data_ptr() % 16:
+        return None
+    starts = [b * sb + h * sh for b in range(B) for h in range(H)]
+    if any(o % sl + D > sl for o in starts):
+        return None
+    rows = max(starts) // sl + L
+    if rows >= 2**31:
+        return None
+    return TensorDescriptor(x, [rows, sl], [sl, 1], [block_rows, D])
 
 
 def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -245,18 +339,29 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         return
     grid = (triton.cdiv(L, block_m), B * n_active)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    descs = None
+    if _tma_enabled() and (_INTERPRET or torch.cuda.get_device_capability(q.device)[0] >= 9):
+        descs = (_row_descriptor(kb, block_n), _row_descriptor(vb, block_n))
+        descs = None if None in descs else descs
+    work_bucket = (grid[0] * grid[1]).bit_length()
+    kernel, options = _sparse_attention_fwd, {}
+    if _REUSE_TUNED[0]:
+        tuned = _nearest_tuned((D, block_m, block_n, precision), work_bucket, q.dtype)
+        if tuned is not None:
+            kernel, options = _sparse_attention_fwd.fn, tuned
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _sparse_attention_fwd[grid](
+        kernel[grid](
             qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads,
             kv_len if kv_len is not None else head_rules,
             cube_map if cube_map is not None else head_rules,
+            *(descs or (kb, vb)),
             qb.stride(0), qb.stride(1), qb.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
             vb.stride(0), vb.stride(1), vb.stride(2), ob.stride(0), ob.stride(1), ob.stride(2),
             n_active, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
             scale * _LOG2E,
-            (grid[0] * grid[1]).bit_length(),
+            work_bucket,
             HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
-            PRECISION=precision,
+            PRECISION=precision, USE_TMA=descs is not None, **options,
         )
 
 

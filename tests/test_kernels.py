@@ -392,3 +392,51 @@ def test_tables_made_under_inference_mode_run():
         want = float64_attention(q, k, v, tables.head_rules.tolist(), (1, 1, 4, 6), "bhld", None, 0.125)
         for backend in ("triton", "reference"):
             assert rel_err(sparse_attention(q, k, v, tables, backend=backend), want) <= 1e-5
+
+
+def test_tma_row_descriptors_cover_every_layout_or_decline():
+    # frame-major full tiles load K/V through 2D descriptors whose rows are token rows
+    from sparse_vdit.kernels.triton_attention import _row_descriptor
+
+    B, L, H, D = 2, 40, 3, 64
+    fused = torch.randn(B, L, 3 * H * D)  # q, k, v chunks of one projection: row stride 3*H*D
+    k = fused[..., H * D:2 * H * D].view(B, L, H, D).transpose(1, 2)
+    desc = _row_descriptor(k, 16)
+    assert desc.shape == [(B - 1) * L + L, 3 * H * D] and desc.strides == [3 * H * D, 1]
+    assert _row_descriptor(torch.randn(B, H, L, D), 16).shape == [B * H * L, D]
+    odd = torch.randn(B * H * L * D + 1)[1:].view(B, H, L, D)  # 4-byte offset: not 16-byte aligned
+    assert _row_descriptor(odd, 16) is None
+    assert _row_descriptor(torch.randn(B, H, L, D + 8)[..., :D], 16) is not None  # padded rows
+    assert _row_descriptor(torch.randn(B, H, D, L).transpose(2, 3), 16) is None  # D not contiguous
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_tma_and_gathered_loads_agree_on_strided_views(layout, monkeypatch):
+    # frame-major heads (dense, band, stripes) with full tiles take the TMA path; a misaligned view
+    # or SPARSE_VDIT_TMA=0 takes the gathered path: all must equal the float64 answer
+    prefix, F, H, W, suffix, D, bm, bn = 5, 3, 4, 6, 7, 64, 16, 16
+    L = prefix + F * H * W + suffix
+    rules = [make_rule(diag=L), make_rule(diag=30), make_rule(order=R.SPACE_MAJOR, md=(2, 1)),
+             make_rule(stripe=3, cols=[(10, 40)])]
+    tables = tables_from_rules(rules, prefix, F, H, W, L, bm, bn)
+    assert tables.runs[:, 2].any()  # there are full tiles to fetch by TMA
+    nh = len(rules)
+    fused = torch.randn(2, L, 3 * nh * D)
+    q, k, v = (c.reshape(2, L, nh, D) for c in fused.chunk(3, dim=-1))
+    if layout == "bhld":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    kv_len = torch.tensor([L, L - 9], dtype=torch.int32)
+    want = float64_attention(q, k, v, rules, (prefix, F, H, W), layout, kv_len, D ** -0.5)
+    bhld = (lambda t: t) if layout == "bhld" else (lambda t: t.transpose(1, 2))
+    for tma in ("1", "0"):
+        monkeypatch.setenv("SPARSE_VDIT_TMA", tma)
+        out = sparse_attention(q, k, v, tables, kv_len=kv_len, layout=layout)
+        assert rel_err(bhld(out), want) <= 1e-5, tma
+    odd = torch.randn(fused.numel() + 1)[1:].view_as(fused)
+    odd.copy_(fused)
+    q2, k2, v2 = (c.reshape(2, L, nh, D) for c in odd.chunk(3, dim=-1))
+    if layout == "bhld":
+        q2, k2, v2 = (t.transpose(1, 2) for t in (q2, k2, v2))
+    monkeypatch.setenv("SPARSE_VDIT_TMA", "1")
+    out = sparse_attention(q2, k2, v2, tables, kv_len=kv_len, layout=layout)
+    assert rel_err(bhld(out), want) <= 1e-5
