@@ -2,7 +2,7 @@
 # One lent-H200 call that refreshes the benchmarks not yet measured (BENCHMARKS.md, "Next GPU
 # session"), each step time-boxed so a slow one cannot eat the others; logs and tables under $OUT.
 # Run from the repository root with the diffusers wheel in .whl/ (carry .whl):
-#   bash bench/gpu_session.sh [attention e2e search quality]
+#   bash bench/gpu_session.sh [attention tma e2e search quality]
 set -uo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -13,9 +13,18 @@ steps=("${@:-attention e2e search quality}")
 for step in ${steps[*]}; do
   case $step in
     attention) timeout 150 python3 -m sparse_vdit.bench.attention --quick --out "$OUT" ;;
-    e2e)       timeout 300 python3 -m sparse_vdit.bench.e2e --models hunyuan,cogvideox,wan13b --out "$OUT/e2e.md" ;;
-    search)    timeout 120 python3 -m sparse_vdit.bench.search --out "$OUT/search.md" ;;
-    quality)   timeout 300 python3 -m sparse_vdit.bench.search_quality --targets 4,3,6,10 --out "$OUT/search_quality.md" ;;
-    *) echo "unknown step $step (attention e2e search quality)"; exit 2 ;;
+    tma)       # the kernel's K/V load paths side by side: TMA descriptors (default) vs gathered loads
+               for tma in 1 0; do
+                 SPARSE_VDIT_TMA=$tma timeout 200 python3 -m sparse_vdit.bench.attention --shapes wan14b,cogvideox \
+                   --densities 0.1,0.3 --families diagonal,local_window --baselines cudnn --flex-shapes "" \
+                   --tiles "$([ $tma = 1 ] && echo 128x64,128x128 || echo 128x64)" --out "$OUT/tma$tma"
+               done ;;
+    e2e)       timeout "${E2E_SECONDS:-300}" python3 -m sparse_vdit.bench.e2e --models "${E2E_MODELS:-hunyuan,cogvideox,wan13b}" \
+                 --out "$OUT/e2e.md" ;;
+    search)    timeout "${SEARCH_SECONDS:-120}" python3 -m sparse_vdit.bench.search --out "$OUT/search.md" ;;
+    quality)   timeout "${QUALITY_SECONDS:-300}" python3 -m sparse_vdit.bench.search_quality --targets 4,3,6,10 --out "$OUT/search_quality.md" ;;
+    *) echo "unknown step $step (attention tma e2e search quality)"; exit 2 ;;
   esac 2>&1 | tee "$OUT/$step.log" | grep -E "^\||rror" || true
 done
+# at most 8 files come back: everything goes home as one archive
+tar -C "$OUT" -czf /tmp/gpu_session.tgz . && find "$OUT" -mindepth 1 -delete && mv /tmp/gpu_session.tgz "$OUT"/
