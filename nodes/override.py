@@ -282,12 +282,14 @@ class SparseAttentionOverride:
             qs, ks, vs = (t.reshape(batch, seq, heads, -1) for t in (q, k, v))
 
         def dense(q_, k_, v_):
-            # back to the caller's form, through the chain, then to the engine's layout
+            # back to the caller's form, through the chain, then to the engine's layout; q_ may
+            # hold a subset of the heads (a mixed layer's dense heads)
             if layout == "bhld":
-                return self.dense(func, q_, k_, v_, heads, **dict(passthrough, skip_output_reshape=True))
+                return self.dense(func, q_, k_, v_, q_.shape[1], **dict(passthrough, skip_output_reshape=True))
+            n_heads = q_.shape[2]
             flat = [t.reshape(batch, seq, -1) for t in (q_, k_, v_)]
-            out = self.dense(func, *flat, heads, **dict(passthrough, skip_output_reshape=False))
-            return out.view(batch, seq, heads, -1)
+            out = self.dense(func, *flat, n_heads, **dict(passthrough, skip_output_reshape=False))
+            return out.view(batch, seq, n_heads, -1)
 
         try:
             out = self.controller.attention(qs, ks, vs, layer=layer, sigma=sigma, geometry=geometry,

@@ -5,7 +5,8 @@ the pattern runs through the kernels' Triton backend, and the median time is div
 of heads. Results are cached as JSON under ``~/.cache/sparse_vdit/cost`` (or
 ``$SPARSE_VDIT_CACHE``) per (GPU name, geometry, heads, head_dim, dtype). Elsewhere the cost is
 FLOP-proportional: the plan's tile density times the dense cost (dense = 1.0 per head).
-A skipped head costs 0. Dense layers run the model's own SDPA: ``dense_layer`` is its time.
+A skipped head costs 0. Dense layers run the model's own SDPA: ``dense_layer`` is its time; a dense
+head of a mixed layer runs there too (``LayerPlan.run``), so it costs ``dense_layer / heads``.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class CostModel:
         """Predicted time of ONE head of one layer using ``pattern`` (unit: ``self.unit``)."""
         if isinstance(pattern, Skip):
             return 0.0
+        if isinstance(pattern, Dense) and self.measure:  # a mixed layer's dense heads run on SDPA
+            return self.dense_layer() / self.heads
         key = json.dumps(pattern.to_dict(), sort_keys=True)
         if key not in self._costs:
             self._costs[key] = self._measure(pattern) if self.measure else self._flop_cost(pattern)

@@ -72,7 +72,7 @@ class SparseEngine:
         plan = self.plan(layer, sigma, geometry, head_dim=q.shape[-1], device=q.device)
         if plan is None:
             return dense(q, k, v)
-        return plan.run(q, k, v, layout=layout, kv_len=kv_len, backend=route)
+        return plan.run(q, k, v, layout=layout, kv_len=kv_len, backend=route, dense=dense)
 
     def plan(self, layer: int, sigma: float, geometry: VideoGeometry, head_dim: int = 128,
              device="cpu") -> LayerPlan | None:

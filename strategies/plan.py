@@ -33,7 +33,7 @@ from ..kernels import rule as R
 from ..kernels import sparse_attention
 from ..kernels.tables import KernelTables
 from .geometry import VideoGeometry
-from .patterns import Pattern
+from .patterns import Dense, Pattern
 
 
 def _cdiv(a, b):
@@ -518,22 +518,58 @@ class LayerPlan:
     def heads(self) -> int:
         return len(self.patterns)
 
+    _split: tuple | None = field(default=None, init=False, repr=False)
+
     @property
     def tables(self) -> KernelTables:
         """KernelTables over the pool's current tensors (rebuilt only after the pool grew)."""
-        pool_tensors = self.pool.tensors()
-        if self._tables is None or self._tables.row_ptr is not pool_tensors[0]:
-            g = self.geometry
-            self._tables = KernelTables(self.head_rules, *pool_tensors, g.prefix, g.frames, g.height,
-                                        g.width, g.seq_len, self.pool.block_m, self.pool.block_n,
-                                        self.pool.cube_map)
+        self._tables = self._tables_over(self.head_rules, self._tables)
         return self._tables
 
+    def _tables_over(self, head_rules: torch.Tensor, cached: KernelTables | None) -> KernelTables:
+        pool_tensors = self.pool.tensors()
+        if cached is not None and cached.row_ptr is pool_tensors[0]:
+            return cached
+        g = self.geometry
+        return KernelTables(head_rules, *pool_tensors, g.prefix, g.frames, g.height, g.width, g.seq_len,
+                            self.pool.block_m, self.pool.block_n, self.pool.cube_map)
+
+    @functools.cached_property
+    def dense_heads(self) -> tuple[int, ...]:
+        """Dense heads of a layer that also has other heads (those go to the dense backend in
+        `run` when it is given one); () when there are none or every head is dense."""
+        dense = tuple(h for h, p in enumerate(self.patterns) if isinstance(p, Dense))
+        return dense if len(dense) < len(self.patterns) else ()
+
+    def _dense_split(self) -> tuple[KernelTables, torch.Tensor]:
+        """Tables with the dense heads skipped, and their indices on the device."""
+        rules, index, cached = self._split or (None, None, None)
+        if rules is None:
+            rules = self.head_rules.clone()
+            rules[list(self.dense_heads), R.ORDER] = R.SKIP_HEAD
+            index = torch.tensor(self.dense_heads, device=self.head_rules.device)
+        cached = self._tables_over(rules, cached)
+        self._split = (rules, index, cached)
+        return cached, index
+
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "bhld",
-            kv_len: torch.Tensor | None = None, backend: str = "triton", scale: float | None = None):
-        """Sparse attention of this layer (kernels.sparse_attention); same layout/dtype as q."""
-        return sparse_attention(q, k, v, self.tables, layout=layout, kv_len=kv_len, scale=scale,
-                                backend=backend)
+            kv_len: torch.Tensor | None = None, backend: str = "triton", scale: float | None = None,
+            dense=None):
+        """Sparse attention of this layer (kernels.sparse_attention); same layout/dtype as q.
+
+        With `dense` (the call site's dense attention, same layout, keys past kv_len masked by it),
+        the default scale and the Triton backend, Dense heads of a mixed layer run through `dense` in
+        one more call (cuDNN runs a dense head faster than our kernel; BENCHMARKS.md section 1).
+        """
+        if dense is None or scale is not None or backend != "triton" or not self.dense_heads:
+            return sparse_attention(q, k, v, self.tables, layout=layout, kv_len=kv_len, scale=scale,
+                                    backend=backend)
+        tables, index = self._dense_split()
+        out = sparse_attention(q, k, v, tables, layout=layout, kv_len=kv_len, scale=scale, backend=backend)
+        head_dim = 1 if layout == "bhld" else 2
+        picked = [t.index_select(head_dim, index) for t in (q, k, v)]
+        out.index_copy_(head_dim, index, dense(*picked).to(out.dtype))
+        return out
 
 
 @functools.lru_cache(maxsize=4096)

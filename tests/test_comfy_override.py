@@ -381,3 +381,29 @@ def test_triton_route_under_inference_mode_like_comfyui_sampling():
     ref = SparseEngine(strategy, force_reference=True, backend="reference").attention(
         q, k, v, layer=0, sigma=0.7, geometry=VideoGeometry(3, 2, 5), layout="bhld", dense=None)
     torch.testing.assert_close(out, ref.transpose(1, 2).reshape(1, 30, HEADS * HEAD_DIM), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("skip_reshape", [False, True])
+def test_dense_heads_of_a_mixed_layer_go_through_the_comfy_chain(skip_reshape):
+    """On the Triton route a mixed layer's Dense heads run through ComfyUI's attention function
+    (the chain) with only those heads; the result equals the reference engine (float64 oracle)."""
+    if torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton interpreter on CPU")
+    pytest.importorskip("triton")
+    from sparse_vdit.strategies.engine import SparseEngine
+    from sparse_vdit.strategies.patterns import Dense, Diagonal
+    from sparse_vdit.strategies.strategy import Strategy
+
+    geom = VideoGeometry(3, 2, 5)
+    strategy = Strategy(layers=1, heads=HEADS, sigma_edges=(1.0, 0.0), patterns=(((Dense(), Diagonal(0.5)),),))
+    override = ov.SparseAttentionOverride(SparseEngine(strategy), ov.FAMILIES["wan"], n_double=1)
+    q, k, v = qkv(2, geom.seq_len, skip_reshape, gen=torch.Generator().manual_seed(5))
+    before = comfy_attention.calls
+    out = call(override, q, k, v, {"block_index": 0, ov.FORWARD_KEY: make_state(grid=(3, 2, 5))},
+               skip_reshape=skip_reshape)
+    assert comfy_attention.calls == before + 1  # one dense call, for the one Dense head
+    as_blhd = (lambda t: t.transpose(1, 2)) if skip_reshape else (lambda t: t.view(2, geom.seq_len, HEADS, HEAD_DIM))
+    ref = SparseEngine(strategy, force_reference=True, backend="reference").attention(
+        *(as_blhd(t) for t in (q, k, v)), layer=0, sigma=0.7, geometry=geom, layout="blhd", dense=None)
+    got = out.view(2, geom.seq_len, HEADS, HEAD_DIM)  # ComfyUI form [B, L, H * D] comes back
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

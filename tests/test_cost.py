@@ -72,6 +72,9 @@ def test_measured_costs_are_cached_per_geometry(tmp_path, monkeypatch):
     monkeypatch.setattr(CostModel, "_measure", lambda self, p: pytest.fail("should come from the cache"))
     again = CostModel(GEOM, heads=3, head_dim=64, measure=True)
     assert again.cost(Diagonal(1.0)) == first and again.dense_layer() == 7.0
+    # a mixed layer's dense heads run on SDPA (LayerPlan.run): priced per head of the SDPA layer
+    assert again.cost(Dense()) == pytest.approx(7.0 / 3)
+    assert again.layer_time((Dense(), Diagonal(1.0), Skip())) == pytest.approx(7.0 / 3 + first)
     other = CostModel(VideoGeometry(5, 12, 15, prefix=3), heads=3, head_dim=64, measure=True)
     with pytest.raises(pytest.fail.Exception):
         other.cost(Diagonal(1.0))

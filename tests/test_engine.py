@@ -72,15 +72,32 @@ def test_sparse_route_follows_the_sigma_bucket_exactly(layout):
     assert eng.plan(0, 0.9, GEOM, 64) is not eng.plan(0, 0.2, GEOM, 64)
 
 
-def test_triton_route_when_supported():
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_triton_route_sends_dense_heads_of_a_mixed_layer_to_the_dense_function(layout):
     pytest.importorskip("triton")
     eng = SparseEngine(strategy())
-    q, k, v = qkv("blhd", D=64, B=1, seed=2)
+    q, k, v = qkv(layout, D=64, B=2, seed=2)
     if eng._route(q) != "triton":
         pytest.skip("no Triton path for CPU tensors here (needs TRITON_INTERPRET=1)")
-    out = eng.attention(q, k, v, layer=0, sigma=0.2, geometry=GEOM, layout="blhd", dense=Recorder())
-    expected = oracle(q, k, v, HEAD1, GEOM, None, "blhd")
+    seen = []
+
+    def dense(q_, k_, v_):  # the call site's dense attention, on the heads it is given
+        seen.append(q_.shape)
+        return sdpa_dense(layout)(q_, k_, v_)
+
+    out = eng.attention(q, k, v, layer=0, sigma=0.2, geometry=GEOM, layout=layout, dense=dense)
+    expected = oracle(q, k, v, HEAD1, GEOM, None, layout)
     assert (out.double() - expected).norm() / expected.norm() <= 1e-5
+    one_head = (2, 1, GEOM.seq_len, 64) if layout == "bhld" else (2, GEOM.seq_len, 1, 64)
+    assert seen == [one_head]  # HEAD1's Dense() only; the other two ran in the kernel
+    marker = Recorder()  # what the dense function returns is what that head outputs
+    out = eng.attention(q, k, v, layer=0, sigma=0.2, geometry=GEOM, layout=layout, dense=marker)
+    picked = out[:, 1] if layout == "bhld" else out[:, :, 1]
+    assert marker.calls == 1 and torch.equal(picked, torch.full_like(picked, 7.0))
+    rest = [0, 2]
+    got = out[:, rest] if layout == "bhld" else out[:, :, rest]
+    want = expected[:, rest] if layout == "bhld" else expected[:, :, rest]
+    assert (got.double() - want).norm() / want.norm() <= 1e-5
 
 
 def test_unsupported_head_dim_runs_dense_with_one_warning():
