@@ -1,12 +1,16 @@
 """Search time vs the same dense sampling run, at a real shape (Wan2.1-1.3B 480p, random bf16 weights).
 
     python3 -m sparse_vdit.bench.search [--steps 4] [--target-speedup 2] [--rows 64] [--out FILE] [--tiny]
+                                        [--latent B,C,T,H,W]
 
 Runs: one short dense warm-up run (kernel/cuDNN set-up), the timed dense run, the one-off cost
 table measurement (per GPU and geometry, cached on disk afterwards, reported apart), then the
 search (dense pass + closed pass) on the same seed and schedule. Reports both times, their ratio
 (issue target: <= 2.5x), the peak GPU memory of each, and what the found strategy predicts.
-``--tiny`` runs the tiny Wan config on the CPU (reference kernels) as a functional check.
+``--tiny`` runs the tiny Wan config on the CPU (reference kernels) as a functional check;
+``--latent`` changes the latent shape (e.g. ``--tiny --latent 1,4,9,32,48`` for a mid-size CPU run).
+Where the search's time goes: the error estimate per measured call and the chosen patterns' layer
+per closed-pass call (CUDA-event times on a GPU, wall time on the CPU), next to the two passes.
 Prints a markdown table last (and writes it to --out when given).
 """
 
@@ -51,9 +55,13 @@ def main(argv=None) -> str:
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--latent", default=None, help="latent shape B,C,T,H,W (default: the model's 480p / tiny one)")
     args = ap.parse_args(argv)
 
     label, variant, latent, text_len = TINY if args.tiny else REAL
+    if args.latent:
+        latent = tuple(int(x) for x in args.latent.split(","))
+        label = f"{label}, latent {args.latent}"
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     torch.manual_seed(0)
@@ -81,6 +89,11 @@ def main(argv=None) -> str:
         lambda: search(run, sigmas=sigmas, layers=cfg.num_layers, settings=settings,
                        cost_model_factory=lambda *a: cost), device)
     sel = result.selection
+    calls = result.call_seconds
+
+    def per_call(key):
+        seconds, n = calls.get(key, (0.0, 0))
+        return f"{1e3 * seconds / n:.2f} ({n} calls, {seconds:.2f} s)" if n else "-"
     density = result.strategy.density(geometry, sigmas)
     rows = [
         ("model", label), ("device", torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
@@ -90,6 +103,10 @@ def main(argv=None) -> str:
         ("search / dense", f"{t_search / t_dense:.2f}x (target <= 2.5x)"),
         ("dense pass / closed pass (s)", " / ".join(f"{result.pass_seconds.get(k, float('nan')):.2f}"
                                                      for k in ("dense", "closed"))),
+        ("search - 2 x dense run (s)", f"{t_search - 2 * t_dense:.2f}"),
+        ("error estimate per call, dense pass (ms)", per_call("dense measure")),
+        ("error estimate per call, closed pass (ms)", per_call("closed measure")),
+        ("chosen patterns' layer per call, closed pass (ms)", per_call("closed sparse")),
         ("cost table measurement, one-off (s)", f"{t_cost:.2f}"),
         ("peak GPU memory dense / search (GiB)", f"{mem_dense:.2f} / {mem_search:.2f}"),
         ("predicted attention speedup", f"{sel.predicted_speedup:.2f}x ({cost.unit})"),

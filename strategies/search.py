@@ -25,6 +25,7 @@ more. A search can be cancelled (``cancel``: callable or Event) and resumed from
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from .patterns import FAMILIES, Dense, Skip, pattern_for_density
 from .select import Selection, select, to_strategy
 
 PHASES = ("dense", "closed")
-GROUP_ELEMENTS = 1 << 25  # score elements of candidates evaluated in one batch (128 MiB in fp32)
+GROUP_BYTES = 128 << 20  # bytes of one weight block [B*H, candidates, rows, keys] built at once
 
 
 class SearchCancelled(Exception):
@@ -200,6 +201,7 @@ class SearchController:
         self._told = False  # whether the loop calls begin_step; else steps follow the sigma of calls
         self._seen: set = set()
         self.cost_model = None
+        self._timings: dict = {}  # (phase, kind) -> [seconds, calls, pending CUDA event pairs]
 
     # ---------------------------------------------------------------------------- set-up
     def begin_step(self, sigma: float, step: int) -> None:
@@ -244,22 +246,13 @@ class SearchController:
         self._cost = torch.tensor(st.cost, dtype=torch.float64)
         self._dense_idx = next(i for i, p in enumerate(self._candidates) if isinstance(p, Dense))
 
-    def _rows_and_masks(self, geometry: VideoGeometry, device):
+    def _probe(self, geometry: VideoGeometry, device) -> "CandidateMasks":
+        """The sampled rows and every candidate's masks at them, built once per (geometry, device)."""
         key = (geometry, str(device))
         if key not in self._masks:
-            L = geometry.seq_len
-            R = min(self.settings.rows, L)
-            gen = torch.Generator().manual_seed(self.settings.seed)
-            # stratified: one row per equal slice of the sequence, at a random offset in it
-            starts = torch.arange(R, dtype=torch.float64) * L / R
-            offs = torch.rand(R, generator=gen, dtype=torch.float64) * (L / R)
-            rows = torch.unique((starts + offs).floor().long().clamp(0, L - 1))
-            rules = torch.tensor([p.head_rule(geometry) for p in self._candidates], device=device)
-            rows = rows.to(device)
-            # the kernels' own rule (the exact function every backend computes), built on the device
-            masks = rule_mask(rules, geometry.prefix, geometry.frames, geometry.height, geometry.width,
-                              rows, torch.arange(L, device=device))
-            self._masks[key] = (rows, masks)
+            self._masks[key] = CandidateMasks(*sample_masks(self._candidates, geometry, self.settings.rows,
+                                                            self.settings.seed, device),
+                                              skip=[isinstance(p, Skip) for p in self._candidates])
         return self._masks[key]
 
     # ---------------------------------------------------------------------------- the call site
@@ -282,7 +275,7 @@ class SearchController:
         bucket = self.of_step[step]
         if phase == 0:
             if not replay:
-                self._measure(q, k, v, layout, geometry, kv_len, phase, step, layer)
+                self._timed("measure", q, self._measure, q, k, v, layout, geometry, kv_len, phase, step, layer)
             return dense(q, k, v)
         forced = bucket < st.warmup_buckets or layer in st.dense_layers
         if forced:
@@ -290,92 +283,254 @@ class SearchController:
         if not self.decide and bool((st.decision[step, layer] == self._dense_idx).all()):
             return dense(q, k, v)
         if not replay:
-            errs = self._measure(q, k, v, layout, geometry, kv_len, phase, step, layer)
+            errs = self._timed("measure", q, self._measure, q, k, v, layout, geometry, kv_len, phase, step, layer)
             if first_call and self.decide:
                 w = self.weights[step]
                 score = self._cost.view(1, -1) + st.lam * w * errs
                 st.decision[step, layer] = score.argmin(-1).to(torch.int16)
         chosen = tuple(self._candidates[int(c)] for c in st.decision[step, layer])
-        return run_patterns(chosen, q, k, v, geometry=geometry, layout=layout, dense=dense, kv_len=kv_len)
+        return self._timed("sparse", q, run_patterns, chosen, q, k, v, geometry=geometry, layout=layout, dense=dense,
+                           kv_len=kv_len)
+
+    def _timed(self, kind: str, like: torch.Tensor, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, its time added to ``call_seconds()`` under (phase, kind): CUDA
+        events on a GPU (read at the end of the pass, no extra sync), wall time elsewhere."""
+        entry = self._timings.setdefault((self.state.phase, kind), [0.0, 0, []])
+        entry[1] += 1
+        if like.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            entry[2].append((start, end))
+            return out
+        started = time.perf_counter()
+        out = fn(*args, **kwargs)
+        entry[0] += time.perf_counter() - started
+        return out
+
+    def call_seconds(self) -> dict:
+        """``{"<phase> <kind>": (seconds, calls)}`` so far: "measure" is the candidates' error
+        estimate of a call, "sparse" the chosen patterns' layer (closed pass)."""
+        out = {}
+        for (phase, kind), entry in self._timings.items():
+            if entry[2]:
+                entry[2][-1][1].synchronize()
+                entry[0] += sum(a.elapsed_time(b) for a, b in entry[2]) / 1000.0
+                entry[2].clear()
+            out[f"{phase} {kind}"] = (entry[0], entry[1])
+        return out
 
     def _measure(self, q, k, v, layout, geometry, kv_len, phase, step, layer) -> torch.Tensor:
         """Add this call's squared errors to the table; return the relative errors [H, C] so far."""
-        rows, masks = self._rows_and_masks(geometry, q.device)
-        num, den = candidate_errors(q, k, v, rows, masks, layout=layout, kv_len=kv_len,
-                                    skip=[isinstance(p, Skip) for p in self._candidates])
+        probe = self._probe(geometry, q.device)
+        num, den = candidate_errors(q, k, v, probe.rows, probe, layout=layout, kv_len=kv_len)
+        both = torch.cat([num.flatten(), den.view(1)]).cpu()  # one transfer
         st = self.state
-        st.num[phase, step, layer] += num.cpu()
-        st.den[phase, step, layer] += den.cpu()
+        st.num[phase, step, layer] += both[:-1].view_as(num)
+        st.den[phase, step, layer] += both[-1]
         return st.num[phase, step, layer] / max(float(st.den[phase, step, layer]), 1e-30)
+
+
+def sample_masks(candidates, geometry: VideoGeometry, rows: int, seed: int, device) -> tuple:
+    """(rows [R], masks bool [C, R, L]) on ``device``: a fixed stratified sample of query rows (one
+    per equal slice of the sequence, at a seeded random offset in it) and each candidate's exact
+    mask at them, from the kernels' own rule (the function every backend computes)."""
+    L = geometry.seq_len
+    R = min(rows, L)
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.arange(R, dtype=torch.float64) * L / R
+    offs = torch.rand(R, generator=gen, dtype=torch.float64) * (L / R)
+    picked = torch.unique((starts + offs).floor().long().clamp(0, L - 1)).to(device)
+    rules = torch.tensor([p.head_rule(geometry) for p in candidates], device=device)
+    masks = rule_mask(rules, geometry.prefix, geometry.frames, geometry.height, geometry.width,
+                      picked, torch.arange(L, device=device))
+    return picked, masks
 
 
 def _geom_dict(g: VideoGeometry) -> dict:
     return {k: int(getattr(g, k)) for k in ("frames", "height", "width", "prefix", "suffix")}
 
 
-def candidate_errors(q, k, v, rows, masks, *, layout: str, kv_len=None, skip=None):
+class CandidateMasks:
+    """The sampled rows' masks of every candidate at one geometry on one device, in the forms
+    :func:`candidate_errors` uses; the search builds it once per (geometry, device).
+
+    ``masks`` bool [C, R, L]. Candidates flagged ``skip`` attend nothing (their error is the head's
+    output energy); candidates whose mask is all True at these rows (Dense, or a pattern that
+    covers every key of the sampled rows) have error 0 exactly; the others are ``measured``.
+    """
+
+    def __init__(self, rows: torch.Tensor, masks: torch.Tensor, skip=None):
+        C = masks.shape[0]
+        self.rows = rows
+        self.masks = masks
+        self.skip = [bool(x) for x in (skip if skip is not None else [False] * C)]
+        full = masks.flatten(1).all(1).tolist()
+        self.measured = [c for c in range(C) if not self.skip[c] and not full[c]]
+        index = torch.tensor(self.measured, dtype=torch.long, device=masks.device)
+        self.inner = masks.index_select(0, index)                       # bool [C', R, L]
+        self.by_row = self.inner.permute(1, 2, 0).to(torch.float32).contiguous()  # [R, L, C']: denominators
+
+    @property
+    def candidates(self) -> int:
+        return len(self.skip)
+
+
+def _weights_dtype(q: torch.Tensor) -> torch.dtype:
+    """Dtype of the candidates' weight blocks and their product with V: the model's half type on a
+    GPU (tensor cores; V is exact in it), float32 elsewhere."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return torch.bfloat16
+    return torch.float32
+
+
+def candidate_errors(q, k, v, rows, masks, *, layout: str, kv_len=None, skip=None, weights_dtype=None):
     """Squared error of each candidate vs dense on the sampled query ``rows``.
 
-    masks: bool [C, R, L] (row r of candidate c). Returns (num [H, C], den scalar): num sums
-    ``|O_c - O_dense|^2`` over batch, rows and channels per head; den sums ``|O_dense|^2`` over
-    batch, rows, heads and channels. Memory: [B, H, R, L] scores, never an L x L map.
+    masks: bool [C, R, L] (row r of candidate c), or a :class:`CandidateMasks` built from them
+    (what the search passes: built once per geometry). Returns (num [H, C], den scalar), float64
+    on q's device: num sums ``|O_c - O_dense|^2`` over batch, rows and channels per head; den sums
+    ``|O_dense|^2`` over batch, rows, heads and channels. Memory: [B, H, R, L] scores and weight
+    blocks of at most ``GROUP_BYTES``; never an L x L map.
+
+    With ``p = exp(s - rowmax)``, ``T = sum p`` and ``T_c = sum p * M_c`` (every candidate's ``T_c``
+    in one batched product with the masks) and V centred on its mean (attention outputs are
+    weighted means, so the mean cancels), all measured candidates go through ONE batched matmul
+    per key chunk (weights ``[B*H, C' * R, n]``). In float32 (CPU, float32 models) the weights are
+    ``p * M_c`` and the error ``|(p * M_c) @ V / T_c - ref|^2``. With ``weights_dtype`` bfloat16
+    (the default on a GPU for half-precision models: tensor cores, half the bytes) the weights are
+    ``Delta_c = p * (M_c / T_c - 1 / T)``, the difference of the two attention distributions, so
+    the rounding stays relative to the error itself (no two nearly equal outputs are subtracted).
+    Dense-covering candidates (mask all True at the rows) have error 0 and are not computed.
+    One host sync per call: rows whose masked keys all underflow against the row max take the
+    exact masked softmax.
     """
+    cm = masks if isinstance(masks, CandidateMasks) else CandidateMasks(rows, masks, skip)
+    rows = cm.rows
     if layout == "blhd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     B, H, L, D = k.shape
+    R, C, dev = rows.numel(), cm.candidates, q.device
     scale = 1.0 / math.sqrt(q.shape[-1])
-    qr = q[:, :, rows].float()
-    s = torch.matmul(qr, k.float().transpose(-1, -2)) * scale  # [B, H, R, L]
-    row_ok = torch.ones(B, 1, len(rows), 1, dtype=torch.bool, device=s.device)
+    s = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)).mul_(scale)  # [B, H, R, L]
+    row_ok = torch.ones(B, 1, R, dtype=torch.bool, device=dev)
     if kv_len is not None:  # padded keys are masked; padded query rows do not count
-        lens = torch.as_tensor(kv_len, device=s.device).view(B, 1)
-        valid = torch.arange(L, device=s.device).view(1, L) < lens
-        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-        row_ok = (rows.view(1, -1) < lens).view(B, 1, -1, 1)
-
-    # one exp for all candidates: a candidate's output is (p * mask) @ v / sum(p * mask), with p the
-    # row-max-shifted exponentials of the dense scores
-    vf = v.float()
-    p = torch.exp(s - s.amax(-1, keepdim=True))  # [B, H, R, L]; rows of padding give NaN, cleared below
-
-    def attend(weights):
-        total = weights.sum(-1, keepdim=True)
-        return (torch.matmul(weights, vf) / total).nan_to_num(0.0) * row_ok, total
-
-    ref, _ = attend(p)  # [B, H, R, D]
-    den = ref.pow(2).sum()
-    C = masks.shape[0]
-    num = torch.zeros(H, C, dtype=torch.float64, device=s.device)
-    skip = skip or [False] * C
-    computed = [c for c in range(C) if not skip[c]]
+        lens = torch.as_tensor(kv_len, device=dev).view(B, 1)
+        valid = torch.arange(L, device=dev).view(1, L) < lens
+        s.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        row_ok = (rows.view(1, -1) < lens).view(B, 1, R)
+    row_ok = row_ok.expand(B, H, R).reshape(B * H, R)
+    p = s.sub_(s.amax(-1, keepdim=True)).exp_().view(B * H, R, L)  # in place: s is not kept
+    total = p.sum(-1)                                                # [BH, R], >= 1 on valid rows
+    vf = v.float().reshape(B * H, L, D)
+    mean = vf.mean(1, keepdim=True)
+    vc = vf - mean                                                   # centred V [BH, L, D]
+    ref_c = _long_bmm(p, vc)                                         # dense output - mean, times T
+    ref = torch.where(row_ok[..., None], (ref_c / total[..., None] + mean).nan_to_num(0.0), 0.0)
+    head_energy = ref.pow(2).sum((1, 2)).view(B, H).sum(0)           # [H]
+    num = torch.zeros(H, C, dtype=torch.float64, device=dev)
     for c in range(C):
-        if skip[c]:
-            num[:, c] = ref.pow(2).sum((0, 2, 3)).double()
-    group = max(1, GROUP_ELEMENTS // s.numel())  # candidates evaluated together, bounded memory
-    for start in range(0, len(computed), group):
-        cs = computed[start:start + group]
-        out, total = attend(p.unsqueeze(0) * masks[cs][:, None, None])  # [G, B, H, R, D]
-        lost = (total == 0) & row_ok  # every attended key underflowed against the row max: exact path
+        if cm.skip[c]:
+            num[:, c] = head_energy.double()
+    Cm = len(cm.measured)
+    if Cm:
+        # T_c of all candidates: per row, [BH, L] @ [L, C']
+        part = torch.bmm(p.transpose(0, 1), cm.by_row).permute(1, 2, 0)  # [BH, C', R]
+        lost = (part == 0) & row_ok[:, None, :]  # every attended key underflowed: exact path below
+        inv_part = torch.where(part > 0, 1.0 / part, 0.0)
+        wd = weights_dtype or _weights_dtype(q)
+        chunk = max(1, GROUP_BYTES // (B * H * Cm * R * torch.finfo(wd).bits // 8))
+        acc = torch.zeros(B * H, Cm * R, D, dtype=torch.float32, device=dev)
+        if wd == torch.float32:
+            # float32: (p * M_c) @ V_centred / T_c - (ref - mean); the subtraction loses ~1e-7 of |ref - mean|
+            for start in range(0, L, chunk):
+                end = min(L, start + chunk)
+                w = p[:, None, :, start:end] * cm.inner[None, :, :, start:end]              # [BH, C', R, n]
+                acc.baddbmm_(w.view(B * H, Cm * R, end - start), vc[:, start:end])
+            diff = acc.view(B * H, Cm, R, D) * inv_part[..., None] - (ref_c / total[..., None])[:, None]
+        else:
+            # half precision: Delta_c = p * (M_c / T_c - 1 / T) is rounded, not two nearly equal outputs
+            inside = (inv_part - (1.0 / total)[:, None, :]).to(wd)[..., None]             # [BH, C', R, 1]
+            outside = (-(1.0 / total)).to(wd)[:, None, :, None]                            # [BH, 1, R, 1]
+            vw = vc.to(wd)
+            for start in range(0, L, chunk):
+                end = min(L, start + chunk)
+                w = torch.where(cm.inner[None, :, :, start:end], inside, outside)          # [BH, C', R, n]
+                w.mul_(p[:, None, :, start:end].to(wd))
+                acc += torch.bmm(w.view(B * H, Cm * R, end - start), vw[:, start:end]).float()
+            diff = acc.view(B * H, Cm, R, D)
+        err = diff.pow(2).sum(-1)                                                          # [BH, C', R]
+        err = torch.where(row_ok[:, None, :], err.nan_to_num(0.0), 0.0)
         if bool(lost.any()):
-            exact = torch.softmax(s.unsqueeze(0).masked_fill(~masks[cs][:, None, None], float("-inf")), -1)
-            out = torch.where(lost, torch.matmul(exact, vf).nan_to_num(0.0), out)
-        num[:, cs] = (out - ref).pow(2).sum((1, 3, 4)).T.double()
-    return num, den.double()
+            err = _exact_rows(q, k, v, rows, cm, kv_len, ref, err, lost, scale)
+        num[:, cm.measured] = err.view(B, H, Cm, R).sum((0, 3)).double()
+    return num, ref.pow(2).sum().double()
+
+
+def _long_bmm(a: torch.Tensor, b: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+    """``a [N, M, K] @ b [N, K, P]`` for a long K and a small M x P output. On a GPU, K is cut into
+    ``splits`` slices that run as one batch and are summed (a split-K: as one product per batch
+    entry, the small output keeps a handful of the GPU's multiprocessors busy for the whole K)."""
+    N, M, K = a.shape
+    if splits is None:
+        splits = min(32, K // 1024) if a.is_cuda else 1
+    if splits <= 1:
+        return torch.bmm(a, b)
+    part = -(-K // splits)
+    pad = part * splits - K
+    if pad:
+        a = torch.nn.functional.pad(a, (0, pad))
+        b = torch.nn.functional.pad(b, (0, 0, 0, pad))
+    a = a.reshape(N, M, splits, part).transpose(1, 2).reshape(N * splits, M, part)
+    out = torch.bmm(a, b.reshape(N * splits, part, b.shape[-1]))
+    return out.view(N, splits, M, -1).sum(1)
+
+
+def _exact_rows(q, k, v, rows, cm: CandidateMasks, kv_len, ref, err, lost, scale):
+    """Errors of the rows ``lost`` [BH, C', R] flags (all their masked keys underflowed against the
+    row max) from the exact masked softmax, one candidate at a time (a rare path)."""
+    B, H, L, D = k.shape
+    s = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)) * scale
+    if kv_len is not None:
+        lens = torch.as_tensor(kv_len, device=s.device).view(B, 1)
+        s = s.masked_fill(~(torch.arange(L, device=s.device).view(1, L) < lens)[:, None, None, :], float("-inf"))
+    s = s.reshape(B * H, -1, L)
+    vf = v.float().reshape(B * H, L, D)
+    err = err.clone()
+    for i in lost.any(2).any(0).nonzero().flatten().tolist():
+        exact = torch.softmax(s.masked_fill(~cm.inner[i][None], float("-inf")), -1)
+        rows_err = (torch.bmm(exact, vf).nan_to_num(0.0) - ref).pow(2).sum(-1)  # [BH, R]
+        err[:, i] = torch.where(lost[:, i], rows_err, err[:, i])
+    return err
 
 
 def run_patterns(patterns: tuple, q, k, v, *, geometry: VideoGeometry, layout: str, dense: Callable, kv_len=None):
     """One layer with a pattern per head: ``dense`` when all are Dense, else the compiled plan
-    (Triton on a supported GPU, the reference backend elsewhere)."""
+    (Triton on a supported GPU, the reference backend elsewhere). Plans are cached per head mix;
+    Triton launches reuse the config already tuned for the nearest work bucket instead of
+    autotuning each new one (head mixes with more or fewer skipped heads change the bucket)."""
     if all(isinstance(p, Dense) for p in patterns):
         return dense(q, k, v)
     from ..kernels import supports
-    from .cost import default_tiles
     from .plan import compile_layer
 
-    backend = "triton" if q.is_cuda and supports(q) is None else "reference"
-    bm, bn = default_tiles(q.shape[-1], q.device)
+    triton = q.is_cuda and supports(q) is None
+    bm, bn = _tiles(q.shape[-1], q.device)
     plan = compile_layer(tuple(patterns), geometry, bm, bn, q.device)
-    return plan.run(q, k, v, layout=layout, kv_len=kv_len, backend=backend)
+    if not triton:
+        return plan.run(q, k, v, layout=layout, kv_len=kv_len, backend="reference")
+    from ..kernels.triton_attention import reuse_tuned_configs
+
+    with reuse_tuned_configs():
+        return plan.run(q, k, v, layout=layout, kv_len=kv_len, backend="triton")
+
+
+@functools.lru_cache(maxsize=16)
+def _tiles(head_dim: int, device: torch.device) -> tuple[int, int]:
+    from .cost import default_tiles
+
+    return default_tiles(head_dim, device)
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -391,6 +546,7 @@ class SearchResult:
     dense_latents: Any
     closed_latents: Any
     pass_seconds: dict = field(default_factory=dict)  # wall time of each pass run here
+    call_seconds: dict = field(default_factory=dict)  # "<phase> <kind>" -> (seconds, calls), see SearchController
 
 
 def finalize(state: SearchState, settings: SearchSettings, *, meta: dict | None = None):
@@ -486,7 +642,7 @@ def search(run: Callable[[Any], Any], *, sigmas: Sequence[float], layers: int, s
         if progress is not None:
             progress(total, total)
     strategy, sel, record = finalize(state, settings, meta=meta)
-    return SearchResult(strategy, sel, record, dense_latents, closed_latents, seconds)
+    return SearchResult(strategy, sel, record, dense_latents, closed_latents, seconds, controller.call_seconds())
 
 
 def _finish_pass(state: SearchState, settings: SearchSettings, next_phase: str, state_path) -> None:
