@@ -2,7 +2,7 @@
 # One lent-H200 call that refreshes the benchmarks not yet measured (BENCHMARKS.md, "Next GPU
 # session"), each step time-boxed so a slow one cannot eat the others; logs and tables under $OUT.
 # Run from the repository root with the diffusers wheel in .whl/ (carry .whl):
-#   bash bench/gpu_session.sh [attention tma e2e search quality]
+#   bash bench/gpu_session.sh [attention tma e2e search quality parity]
 set -uo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -23,7 +23,12 @@ for step in ${steps[*]}; do
                  --out "$OUT/e2e.md" ;;
     search)    timeout "${SEARCH_SECONDS:-120}" python3 -m sparse_vdit.bench.search --out "$OUT/search.md" ;;
     quality)   timeout "${QUALITY_SECONDS:-300}" python3 -m sparse_vdit.bench.search_quality --targets 4,3,6,10 --out "$OUT/search_quality.md" ;;
-    *) echo "unknown step $step (attention tma e2e search quality)"; exit 2 ;;
+    parity)    # ComfyUI's native Wan + Apply vs the adapter (needs .comfy from bench/pack_comfyui.sh, carried)
+               python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .comfy/wheels/*.whl
+               PYTHONPATH=$PYTHONPATH:$PWD/.comfy/ComfyUI COMFYUI_ROOT=$PWD/.comfy/ComfyUI timeout "${PARITY_SECONDS:-280}" \
+                 python3 -m sparse_vdit.bench.comfyui_parity --model wan13b --repeats 5 --warmup 2 \
+                 --budget "${PARITY_BUDGET:-170}" --out "$OUT/comfyui_parity.md" ;;
+    *) echo "unknown step $step (attention tma e2e search quality parity)"; exit 2 ;;
   esac 2>&1 | tee "$OUT/$step.log" | grep -E "^\||rror" || true
 done
 # at most 8 files come back: everything goes home as one archive
