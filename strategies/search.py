@@ -425,7 +425,8 @@ def candidate_errors(q, k, v, rows, masks, *, layout: str, kv_len=None, skip=Non
     total = p.sum(-1)                                                # [BH, R], >= 1 on valid rows
     vf = v.float().reshape(B * H, L, D)
     mean = vf.mean(1, keepdim=True)
-    vc = vf - mean                                                   # centred V [BH, L, D]
+    vc = vf.sub_(mean) if v.dtype != torch.float32 else vf - mean  # centred V [BH, L, D] (vf is a copy)
+    del vf
     ref_c = _long_bmm(p, vc)                                         # dense output - mean, times T
     ref = torch.where(row_ok[..., None], (ref_c / total[..., None] + mean).nan_to_num(0.0), 0.0)
     head_energy = ref.pow(2).sum((1, 2)).view(B, H).sum(0)           # [H]
@@ -507,23 +508,28 @@ def _exact_rows(q, k, v, rows, cm: CandidateMasks, kv_len, ref, err, lost, scale
 
 def run_patterns(patterns: tuple, q, k, v, *, geometry: VideoGeometry, layout: str, dense: Callable, kv_len=None):
     """One layer with a pattern per head: ``dense`` when all are Dense, else the compiled plan
-    (Triton on a supported GPU, the reference backend elsewhere). Plans are cached per head mix;
+    (Triton on a supported GPU with a mixed layer's Dense heads through ``dense``, as the engine
+    runs them; the reference backend elsewhere). Plans are cached per head mix;
     Triton launches reuse the config already tuned for the nearest work bucket instead of
     autotuning each new one (head mixes with more or fewer skipped heads change the bucket)."""
     if all(isinstance(p, Dense) for p in patterns):
         return dense(q, k, v)
-    from ..kernels import supports
     from .plan import compile_layer
 
-    triton = q.is_cuda and supports(q) is None
     bm, bn = _tiles(q.shape[-1], q.device)
     plan = compile_layer(tuple(patterns), geometry, bm, bn, q.device)
-    if not triton:
+    if _backend(q) != "triton":
         return plan.run(q, k, v, layout=layout, kv_len=kv_len, backend="reference")
     from ..kernels.triton_attention import reuse_tuned_configs
 
-    with reuse_tuned_configs():
-        return plan.run(q, k, v, layout=layout, kv_len=kv_len, backend="triton")
+    with reuse_tuned_configs():  # Dense heads of a mixed layer go to `dense`, as the engine runs them
+        return plan.run(q, k, v, layout=layout, kv_len=kv_len, backend="triton", dense=dense)
+
+
+def _backend(q: torch.Tensor) -> str:
+    from ..kernels import supports
+
+    return "triton" if q.is_cuda and supports(q) is None else "reference"
 
 
 @functools.lru_cache(maxsize=16)

@@ -134,6 +134,20 @@ def test_bfloat16_weights_keep_small_errors_relative():
         assert torch.allclose(num[:, 2:], want[:, 2:], rtol=rtol, atol=0), weights
 
 
+def test_half_inputs_are_read_not_changed():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, GEOM.seq_len, 2, 32, generator=gen).bfloat16() for _ in range(3))
+    keep = v.clone()
+    cands = candidate_set(GEOM, (0.1, 0.3))
+    rows = torch.tensor([1, 40])
+    masks = torch.stack([p.token_mask(GEOM, rows) for p in cands])
+    skip = [isinstance(p, Skip) for p in cands]
+    half = candidate_errors(q, k, v, rows, masks, layout="blhd", skip=skip)
+    full = candidate_errors(q.float(), k.float(), v.float(), rows, masks, layout="blhd", skip=skip)
+    assert torch.equal(v, keep)  # V is centred in a copy
+    assert torch.allclose(half[0], full[0], rtol=1e-5, atol=1e-9) and torch.allclose(half[1], full[1])
+
+
 def test_long_k_split_product_matches_bmm():
     gen = torch.Generator().manual_seed(2)
     a, b = torch.randn(3, 5, 1000, generator=gen), torch.randn(3, 1000, 7, generator=gen)
@@ -207,3 +221,29 @@ def test_dense_candidate_and_skip_take_no_product():
                            skip=[False, True, False])
     assert probe.measured == [2] and probe.candidates == 3
     assert Dense().token_mask(GEOM).all()
+
+
+def test_closed_pass_triton_branch_matches_the_reference(monkeypatch):
+    """run_patterns' GPU branch (reuse_tuned_configs, Dense heads through `dense`) under the
+    interpreter on the CPU gives the reference backend's layer."""
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter")
+    geom = VideoGeometry(2, 4, 4)
+    pats = (Diagonal(width=0.5), Dense(), Skip(), LocalWindow(frames=1, height=0.5, width=0.5))
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, geom.seq_len, 4, 64, generator=gen) for _ in range(3))
+    dense_calls = []
+
+    def dense(q, k, v):
+        dense_calls.append(q.shape)
+        return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+    ref = S.run_patterns(pats, q, k, v, geometry=geom, layout="blhd", dense=dense)
+    assert not dense_calls
+    monkeypatch.setattr(S, "_backend", lambda q: "triton")
+    out = S.run_patterns(pats, q, k, v, geometry=geom, layout="blhd", dense=dense)
+    assert dense_calls == [(1, geom.seq_len, 1, 64)]  # the Dense head, on the call site's attention
+    assert torch.allclose(out, ref, atol=1e-4)
