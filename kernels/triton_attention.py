@@ -234,12 +234,15 @@ def _sparse_attention_fwd(
         full = tl.load(RUNS + 3 * r + 2)
         # full tiles before the cut need no mask; partial tiles and the rest do
         split = tl.where(full != 0, tl.maximum(kt_lo, tl.minimum(kt_hi, first_cut_tile)), kt_lo)
-        tma_head = False
-        if USE_TMA:
-            tma_head = order == 0
-        if tma_head:
-            acc, m_i, l_i = _attend_full_tiles_tma(acc, m_i, l_i, q, kt_lo, split, DESC_K, DESC_V,
-                                                   k_row, k_col, v_row, v_col, qk_scale, BLOCK_N, PRECISION)
+        if USE_TMA:  # compile-time: without descriptors only the gathered path exists
+            if order == 0:
+                acc, m_i, l_i = _attend_full_tiles_tma(acc, m_i, l_i, q, kt_lo, split, DESC_K, DESC_V,
+                                                       k_row, k_col, v_row, v_col, qk_scale, BLOCK_N, PRECISION)
+            else:
+                acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, split,
+                                              k_base, v_base, stride_kl, stride_vl, rule, order, CUBE_MAP,
+                                              prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
+                                              HEAD_DIM, BLOCK_N, False, PRECISION)
         else:
             acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, split,
                                           k_base, v_base, stride_kl, stride_vl, rule, order, CUBE_MAP, prefix,
