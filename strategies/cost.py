@@ -1,6 +1,6 @@
 """The hardware cost model: what each candidate pattern costs on this machine at one geometry.
 
-On a CUDA GPU with Triton, a candidate's cost is measured: one layer of ``heads`` heads all using
+On a CUDA GPU with Triton, for fp16/bf16 heads of dim 64 or 128, a candidate's cost is measured: one layer of ``heads`` heads all using
 the pattern runs through the kernels' Triton backend, and the median time is divided by the number
 of heads. Results are cached as JSON under ``~/.cache/sparse_vdit/cost`` (or
 ``$SPARSE_VDIT_CACHE``) per (GPU name, geometry, heads, head_dim, dtype). Elsewhere the cost is
@@ -59,7 +59,10 @@ class CostModel:
             raise ValueError(f"cost model needs heads >= 1 and head_dim >= 1, got {self.heads}, {self.head_dim}")
         dev = torch.device(self.device)
         if self.measure is None:
-            self.measure = dev.type == "cuda" and torch.cuda.is_available() and _has_triton()
+            # the Triton kernel runs fp16/bf16 at head_dim 64/128; other models (the fp32 testbed)
+            # run the reference backend, whose cost is the FLOP count
+            self.measure = (dev.type == "cuda" and torch.cuda.is_available() and _has_triton()
+                            and self.dtype in (torch.float16, torch.bfloat16) and self.head_dim in (64, 128))
         self.tiles = default_tiles(self.head_dim, dev)
         self.gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" and torch.cuda.is_available() else "cpu"
         self.unit = "ms" if self.measure else "dense=1"

@@ -231,18 +231,21 @@ class SearchController:
         st = self.state
         if st.geometry is not None and st.geometry != _geom_dict(geometry):
             raise ValueError(f"search geometry changed mid-run: {st.geometry} vs {_geom_dict(geometry)}")
-        self.cost_model = self._cost_model_factory(geometry, heads, head_dim, dtype, device)
+        # all or nothing: a call that raises here (the call site then runs dense) leaves no
+        # half-made state behind, so the next call sets up again
+        cost_model = self._cost_model_factory(geometry, heads, head_dim, dtype, device)
         if st.candidates:
-            self._candidates = tuple(pattern_from_dict(d) for d in st.candidates)
+            candidates = tuple(pattern_from_dict(d) for d in st.candidates)
         else:
-            self._candidates = candidate_set(geometry, self.settings.densities, self.settings.families)
-            st.candidates = [p.to_dict() for p in self._candidates]
-            st.cost = [float(c) for c in self.cost_model.costs(self._candidates)]
-            st.dense_layer = float(self.cost_model.dense_layer())
+            candidates = candidate_set(geometry, self.settings.densities, self.settings.families)
+            cost = [float(c) for c in cost_model.costs(candidates)]
+            dense_layer = float(cost_model.dense_layer())
+            st.candidates, st.cost, st.dense_layer = [p.to_dict() for p in candidates], cost, dense_layer
             st.geometry = _geom_dict(geometry)
-            st.allocate(heads, len(self._candidates))
+            st.allocate(heads, len(candidates))
         if st.heads != heads:
             raise ValueError(f"search state has {st.heads} heads, the model {heads}")
+        self.cost_model, self._candidates = cost_model, candidates
         self._cost = torch.tensor(st.cost, dtype=torch.float64)
         self._dense_idx = next(i for i, p in enumerate(self._candidates) if isinstance(p, Dense))
 

@@ -231,3 +231,36 @@ def test_steps_follow_sigma_when_the_loop_does_not_tell():
     assert untold.strategy.patterns == told.strategy.patterns
     assert torch.equal(untold.record.errors, told.record.errors)
     assert seen == [0, 1, 2, 3, 3, 4, 5, 6]
+
+
+def test_a_failed_first_call_leaves_no_half_made_state():
+    # the first call's set-up raises (the call site then runs dense, as on an fp32 model whose cost
+    # model could not measure): the next call must set up again, not crash on missing tables
+    failures = [1]
+
+    class FlakyCost(DensityCost):
+        def costs(self, patterns):
+            if failures:
+                failures.pop()
+                raise ValueError("cannot measure this dtype")
+            return super().costs(patterns)
+
+    sig = [0.9, 0.4]
+    layers = _random_layers(2)
+    settings = SearchSettings(target_speedup=2.0, densities=(0.1, 0.3), rows=24)
+    fell_back = []
+
+    def run(controller):
+        for i, s in enumerate(sig):
+            controller.begin_step(s, i)
+            for l, (q, k, v) in enumerate(layers):
+                try:
+                    controller.attention(q, k, v, layer=l, sigma=s, geometry=GEOM, layout="bhld", dense=_sdpa)
+                except ValueError:
+                    fell_back.append((i, l))  # what a call site does: dense, one warning
+        return torch.zeros(1)
+
+    res = search(run, sigmas=sig, layers=2, settings=settings, cost_model_factory=FlakyCost)
+    assert fell_back == [(0, 0)]
+    assert res.record.errors.shape[:3] == (2, 2, 4)
+
