@@ -36,6 +36,7 @@ class KernelTables:
     block_m: int
     block_n: int
     cube_map: torch.Tensor | None = None
+    density_bucket: int = 0  # autotune key only: round(-log2(visited-tile density)), 0 (dense) to 4
 
     @property
     def heads(self) -> int:

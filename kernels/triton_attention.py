@@ -44,14 +44,20 @@ if _INTERPRET:
 
 
 def _autotune_configs() -> list:
-    """Warps x stages to tune over; SPARSE_VDIT_TRITON_CONFIGS="8x3,8x2" narrows the list."""
-    if _INTERPRET:
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    pairs = ((8, 2), (8, 3), (8, 4), (4, 3))
+    """Load path (TMA descriptors or gathered loads) x warps x stages to tune over;
+    SPARSE_VDIT_TRITON_CONFIGS="8x3,8x2" narrows warps x stages. (The interpreter bypasses the
+    autotuner: `launch_sparse_attention` runs the load path the call has descriptors for.)"""
+    tma_pairs, gathered_pairs = ((8, 2), (8, 3), (8, 4), (4, 3)), ((8, 2), (8, 3))
     chosen = os.environ.get("SPARSE_VDIT_TRITON_CONFIGS")
     if chosen:
-        pairs = tuple(tuple(int(x) for x in c.split("x")) for c in chosen.split(","))
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in pairs]
+        tma_pairs = gathered_pairs = tuple(tuple(int(x) for x in c.split("x")) for c in chosen.split(","))
+    return ([triton.Config({"USE_TMA": True}, num_warps=w, num_stages=s) for w, s in tma_pairs]
+            + [triton.Config({"USE_TMA": False}, num_warps=w, num_stages=s) for w, s in gathered_pairs])
+
+
+def _prune_configs(configs, named_args, **kwargs) -> list:
+    """TMA configs only when the call has descriptors."""
+    return [c for c in configs if named_args["has_desc"] or not c.kwargs["USE_TMA"]]
 
 
 @triton.jit
@@ -169,17 +175,20 @@ def _attend_full_tiles_tma(acc, m_i, l_i, q, kt_lo, kt_hi, desc_k, desc_v, k_row
     return acc, m_i, l_i
 
 
-# work_bucket (bit length of the program count) is only an autotune key: the best warps/stages
-# depend on how many programs fill the GPU.
+# work_bucket (bit length of the program count), density_bucket (the layer's visited-tile density,
+# log2 steps) and has_desc are only autotune keys: the best load path and warps/stages depend on how
+# many programs fill the GPU and how many runs and partial tiles each walks (a dense layer's best
+# config is not a sparse one's), and TMA configs need descriptors.
 @triton.autotune(configs=_autotune_configs(),
-                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "work_bucket", "USE_TMA"],
+                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "work_bucket", "density_bucket", "has_desc"],
+                 prune_configs_by={"early_config_prune": _prune_configs},
                  cache_results=True)
 @triton.jit(do_not_specialize=["n_active", "work_bucket"])  # one binary whatever the head mix
 def _sparse_attention_fwd(
     Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN, CUBE_MAP, DESC_K, DESC_V,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
-    n_active, L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale, work_bucket,
+    n_active, L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale, work_bucket, density_bucket, has_desc,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
@@ -275,17 +284,19 @@ def reuse_tuned_configs():
         _REUSE_TUNED[0] -= 1
 
 
-def _nearest_tuned(head: tuple, bucket: int, dtype: torch.dtype):
-    """Launch options of the config tuned for the work bucket nearest `bucket` under the same key
-    head, or None when `bucket` itself is tuned or nothing fits (then the autotuner runs)."""
+def _nearest_tuned(key: tuple):
+    """Launch options of the config tuned for the nearest (work bucket, density bucket) under the
+    same head_dim, tiles, precision, descriptor availability and dtypes as `key` (the autotune key
+    of this launch), or None when `key` itself is tuned or nothing fits (then the autotuner runs)."""
     best = None
-    for key, config in dict(getattr(_sparse_attention_fwd, "cache", None) or {}).items():
-        if tuple(key[:4]) != head or str(dtype) not in key[5:]:
+    for tuned, config in dict(getattr(_sparse_attention_fwd, "cache", None) or {}).items():
+        if tuned[:4] != key[:4] or tuned[6:] != key[6:]:
             continue
-        if key[4] == bucket:
+        if tuned == key:
             return None
-        if best is None or abs(key[4] - bucket) < best[0]:
-            best = (abs(key[4] - bucket), config)
+        distance = (abs(tuned[4] - key[4]), abs(tuned[5] - key[5]))
+        if best is None or distance < best[0]:
+            best = (distance, config)
     if best is None:
         return None
     config = best[1]
@@ -327,10 +338,11 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                             active_heads: torch.Tensor, skip_heads: torch.Tensor,
                             kv_len: Optional[torch.Tensor], cube_map: Optional[torch.Tensor],
                             geometry: list[int], block_m: int, block_n: int, layout: str,
-                            scale: float) -> None:
+                            scale: float, density_bucket: int = 0) -> None:
     """Write sparse attention into `out` (same layout as q): skip heads zero-filled, active heads
     by the kernel. geometry = [prefix, frames, height, width]; cube_map is needed when a head runs
-    in cube order; inputs must already be validated."""
+    in cube order; density_bucket (KernelTables.density_bucket) only keys the autotuning; inputs
+    must already be validated."""
     qb, kb, vb, ob = (_bhld(t, layout) for t in (q, k, v, out))
     B, _, L, D = qb.shape
     prefix, frames, height, width = geometry
@@ -347,25 +359,27 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         descs = (_row_descriptor(kb, block_n), _row_descriptor(vb, block_n))
         descs = None if None in descs else descs
     work_bucket = (grid[0] * grid[1]).bit_length()
-    kernel, options = _sparse_attention_fwd, {}
-    if _REUSE_TUNED[0]:
-        tuned = _nearest_tuned((D, block_m, block_n, precision), work_bucket, q.dtype)
-        if tuned is not None:
-            kernel, options = _sparse_attention_fwd.fn, tuned
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        kernel[grid](
-            qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads,
+    has_desc = int(descs is not None)
+    args = (qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads,
             kv_len if kv_len is not None else head_rules,
             cube_map if cube_map is not None else head_rules,
             *(descs or (kb, vb)),
             qb.stride(0), qb.stride(1), qb.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
             vb.stride(0), vb.stride(1), vb.stride(2), ob.stride(0), ob.stride(1), ob.stride(2),
             n_active, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
-            scale * _LOG2E,
-            work_bucket,
-            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
-            PRECISION=precision, USE_TMA=descs is not None, **options,
-        )
+            scale * _LOG2E, work_bucket, density_bucket, has_desc)
+    kernel, options = _sparse_attention_fwd, {}
+    tuned = None
+    if _REUSE_TUNED[0]:  # the autotuner's key of this launch: its key values, then every arg's dtype
+        key = (D, block_m, block_n, precision, work_bucket, density_bucket, has_desc)
+        tuned = _nearest_tuned(key + tuple(str(a.dtype) for a in args if hasattr(a, "dtype")))
+    if tuned is not None:
+        kernel, options = _sparse_attention_fwd.fn, tuned
+    elif _INTERPRET:  # nothing to tune: one config, the call's load path
+        kernel, options = _sparse_attention_fwd.fn, dict(USE_TMA=bool(has_desc), num_warps=4, num_stages=1)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        kernel[grid](*args, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
+                     PRECISION=precision, **options)
 
 
 @torch.library.custom_op("sparse_vdit::sparse_attention", mutates_args=())
@@ -373,17 +387,17 @@ def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_
                         row_ptr: torch.Tensor, runs: torch.Tensor, active_heads: torch.Tensor,
                         skip_heads: torch.Tensor, kv_len: Optional[torch.Tensor],
                         cube_map: Optional[torch.Tensor], geometry: list[int], block_m: int,
-                        block_n: int, layout: str, scale: float) -> torch.Tensor:
+                        block_n: int, layout: str, scale: float, density_bucket: int = 0) -> torch.Tensor:
     """Custom-op form of `launch_sparse_attention` returning a new contiguous output."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     launch_sparse_attention(q, k, v, out, head_rules, row_ptr, runs, active_heads, skip_heads, kv_len,
-                            cube_map, geometry, block_m, block_n, layout, scale)
+                            cube_map, geometry, block_m, block_n, layout, scale, density_bucket)
     return out
 
 
 @sparse_attention_op.register_fake
 def _sparse_attention_fake(q, k, v, head_rules, row_ptr, runs, active_heads, skip_heads, kv_len,
-                           cube_map, geometry, block_m, block_n, layout, scale):
+                           cube_map, geometry, block_m, block_n, layout, scale, density_bucket=0):
     return q.new_empty(q.shape)
 
 
@@ -397,4 +411,4 @@ def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     return torch.ops.sparse_vdit.sparse_attention(
         q, k, v, tables.head_rules, tables.row_ptr, tables.runs, active, skip, kv_len, tables.cube_map,
         [tables.prefix, tables.frames, tables.height, tables.width],
-        tables.block_m, tables.block_n, layout, float(scale))
+        tables.block_m, tables.block_n, layout, float(scale), tables.density_bucket)

@@ -24,6 +24,7 @@ ROW_BASE into it.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -531,8 +532,9 @@ class LayerPlan:
         if cached is not None and cached.row_ptr is pool_tensors[0]:
             return cached
         g = self.geometry
+        bucket = min(4, max(0, round(-math.log2(max(self.tile_density, 1e-6)))))
         return KernelTables(head_rules, *pool_tensors, g.prefix, g.frames, g.height, g.width, g.seq_len,
-                            self.pool.block_m, self.pool.block_n, self.pool.cube_map)
+                            self.pool.block_m, self.pool.block_n, self.pool.cube_map, bucket)
 
     @functools.cached_property
     def dense_heads(self) -> tuple[int, ...]:
