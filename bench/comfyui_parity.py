@@ -292,12 +292,18 @@ def run(case: Case, *, tiny: bool, repeats: int, warmup: int, sections: list[str
         print(markdown_row(row, rows), flush=True)
         on_row(rows)
 
-    def native_row(mode: str, name: str, strategy: Strategy | None) -> None:
-        row = Row(mode, "native + Apply" if strategy is not None else "native", name,
-                  1.0 if strategy is None or name == "all-dense" else real_density)
+    def start_row(mode: str, path: str, name: str, strategy: Strategy | None) -> Row | None:
+        """The row to measure, or None when the time budget is spent (the row is kept as skipped)."""
+        row = Row(mode, path, name, 1.0 if strategy is None or name == "all-dense" else real_density)
         if over_budget():
             row.skipped = "time budget (--budget)"
             rows.append(row)
+            return None
+        return row
+
+    def native_row(mode: str, name: str, strategy: Strategy | None) -> None:
+        row = start_row(mode, "native + Apply" if strategy is not None else "native", name, strategy)
+        if row is None:
             return
         patcher = native if strategy is None else apply_strategy(native, strategy, force_reference=tiny)
         if mode == "compiled":
@@ -311,11 +317,8 @@ def run(case: Case, *, tiny: bool, repeats: int, warmup: int, sections: list[str
         record(row, seconds)
 
     def adapter_row(mode: str, name: str, strategy: Strategy | None) -> None:
-        row = Row(mode, "adapter" if strategy is not None else "diffusers stock", name,
-                  1.0 if strategy is None or name == "all-dense" else real_density)
-        if over_budget():
-            row.skipped = "time budget (--budget)"
-            rows.append(row)
+        row = start_row(mode, "adapter" if strategy is not None else "diffusers stock", name, strategy)
+        if row is None:
             return
         inputs = adapter_call
         handle = None if strategy is None else wan.install(diffusers_model, SparseEngine(strategy, **engine_kw))

@@ -12,20 +12,9 @@ from sparse_vdit.strategies.geometry import VideoGeometry
 from sparse_vdit.strategies.patterns import Dense, Diagonal, LocalWindow, Skip
 from sparse_vdit.strategies.search import (CandidateMasks, SearchController, SearchSettings, SearchState,
                                            candidate_errors, candidate_set, sample_masks, search)
+from test_search import DensityCost
 
 GEOM = VideoGeometry(3, 4, 6)
-
-
-class DensityCost:
-    def __init__(self, geom, heads, head_dim, dtype, device):
-        self.geom, self.heads = geom, heads
-        self.gpu, self.unit = "cpu", "dense=1"
-
-    def costs(self, patterns):
-        return torch.tensor([p.density(self.geom) for p in patterns], dtype=torch.float64)
-
-    def dense_layer(self):
-        return float(self.heads)
 
 
 def _layers(n, heads=4, seed=0, dim=64):
