@@ -74,21 +74,30 @@ def write_report(model, out: Path, seed: int = 0, steps: int = SAMPLE_STEPS) -> 
 
 
 def loss_curve_image(csv_path: str | Path, width: int = 480, height: int = 240):
-    """A PIL line plot of loss.csv (log-scale loss against step), with min/max loss labels."""
+    """A PIL line plot of loss.csv (log-scale loss against step), with min/max loss labels.
+
+    A loss.csv of continued training (train.py --init-from) holds every stage at global step
+    numbers with a "stage" column; each later stage's start is marked by a grey vertical line."""
     from PIL import Image, ImageDraw
 
-    rows = list(csv.DictReader(open(csv_path)))
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
     if len(rows) < 2:
         raise ValueError(f"{csv_path}: need at least two logged steps to plot")
     steps = [int(r["step"]) for r in rows]
     logs = [math.log10(float(r["loss"])) for r in rows]
+    stages = [int(r.get("stage") or 1) for r in rows]
     lo, hi = min(logs), max(logs)
     margin = 40
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    x = lambda s: margin + (s - steps[0]) / (steps[-1] - steps[0]) * (width - 2 * margin)  # noqa: E731
+    x = lambda s: margin + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (width - 2 * margin)  # noqa: E731
     y = lambda v: height - margin - (v - lo) / max(hi - lo, 1e-9) * (height - 2 * margin)  # noqa: E731
     draw.rectangle([margin, margin, width - margin, height - margin], outline=(160, 160, 160))
+    for i in range(1, len(rows)):
+        if stages[i] != stages[i - 1]:  # the new stage starts after the previous stage's last step
+            draw.line([(x(steps[i - 1]), margin), (x(steps[i - 1]), height - margin)], fill=(150, 150, 150), width=1)
+            draw.text((x(steps[i - 1]) + 3, margin + 2), f"stage {stages[i]}", fill=(90, 90, 90))
     draw.line([(x(s), y(v)) for s, v in zip(steps, logs)], fill=(200, 30, 30), width=2)
     draw.text((2, margin - 12), f"loss {10 ** hi:.3g}", fill=(0, 0, 0))
     draw.text((2, height - margin + 2), f"loss {10 ** lo:.3g} (log scale)", fill=(0, 0, 0))
