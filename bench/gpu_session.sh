@@ -13,7 +13,7 @@ steps=("${@:-attention e2e search quality}")
 for step in ${steps[*]}; do
   case $step in
     attention) timeout 150 python3 -m sparse_vdit.bench.attention --quick --out "$OUT" ;;
-    tma)       # the kernel's K/V load paths side by side: TMA descriptors (default) vs gathered loads
+    tma)       # autotuned load path (TMA or gathered, the default) vs gathered loads only (SPARSE_VDIT_TMA=0)
                for tma in 1 0; do
                  SPARSE_VDIT_TMA=$tma timeout 200 python3 -m sparse_vdit.bench.attention --shapes wan14b,cogvideox \
                    --densities 0.1,0.3 --families diagonal,local_window --baselines cudnn --flex-shapes "" \
