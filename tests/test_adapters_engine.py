@@ -118,3 +118,23 @@ def test_sampling_with_warm_up_runs_dense_then_sparse():
     for call in capture.calls:  # warm-up steps answered by the stock dense path, later ones sparse
         dense = call["dense"](call["q"], call["k"], call["v"])
         assert torch.equal(call["out"], dense) == (call["sigma"] > 0.8)
+
+
+@pytest.mark.parametrize("family,case_kw", [
+    ("wan", {}), ("hunyuan", {"batch": 2, "valid": [3, 6]}), ("cogvideox", {}),
+])
+def test_call_site_dense_functions_take_any_subset_of_heads(family, case_kw):
+    """The engine sends a mixed layer's Dense heads to the call site's dense function alone
+    (LayerPlan.run): on a subset of the heads it must give those heads' slice of the full result,
+    masks (HunyuanVideo's padded text) included."""
+    model, install, inputs, _, layout = CASES[family](**case_kw)
+    capture = Capturing(SparseEngine(sparse_strategy(LAYERS[family]), force_reference=True))
+    with torch.no_grad(), install(model, capture):
+        model(**inputs)
+    axis = 1 if layout == "bhld" else 2
+    for call in capture.calls:
+        q, k, v = call["q"], call["k"], call["v"]
+        full = call["dense"](q, k, v)
+        index = torch.tensor([q.shape[axis] - 1])  # the last head alone
+        part = call["dense"](*(t.index_select(axis, index) for t in (q, k, v)))
+        torch.testing.assert_close(part, full.index_select(axis, index), rtol=1e-6, atol=1e-6)
