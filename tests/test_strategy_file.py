@@ -3,6 +3,7 @@
 import json
 import struct
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,7 +92,8 @@ def _write_raw(path, header: dict, payload: bytes = b""):
 
 def _rewrite_doc(src, dst, edit):
     """Copy a strategy file, editing its JSON metadata document."""
-    data = open(src, "rb").read()
+    with open(src, "rb") as fh:
+        data = fh.read()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + n])
     doc = json.loads(header["__metadata__"][METADATA_KEY])
@@ -119,7 +121,7 @@ def test_missing_file(tmp_path):
 
 
 def test_truncated(good, tmp_path):
-    data = open(good, "rb").read()
+    data = Path(good).read_bytes()
     for cut in (4, 8 + 10, len(data) - 7):
         bad = tmp_path / f"cut{cut}.safetensors"
         bad.write_bytes(data[:cut])

@@ -68,7 +68,7 @@ def test_flow_matching_loss_is_the_velocity_mse():
 def test_training_writes_weights_curve_and_log(tiny_run):
     out, log = tiny_run
     assert log["steps"] == 3 and math.isfinite(log["final_loss"])
-    rows = list(csv.DictReader(open(out / "loss.csv")))
+    rows = list(csv.DictReader((out / "loss.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [2, 3]
     assert json.loads((out / "train_log.json").read_text())["steps"] == 3
     model = M.load_testbed(out / "weights")
@@ -78,7 +78,7 @@ def test_training_writes_weights_curve_and_log(tiny_run):
 def test_training_is_reproducible(tiny_run, tmp_path):
     out, _ = tiny_run
     T.train(tmp_path, steps=3, batch=2, device="cpu", config=tiny_config(), log_every=2, warmup=2)
-    losses = lambda d: [r["loss"] for r in csv.DictReader(open(d / "loss.csv"))]  # noqa: E731
+    losses = lambda d: [r["loss"] for r in csv.DictReader((d / "loss.csv").read_text().splitlines())]  # noqa: E731
     assert losses(out) == losses(tmp_path)
     a, b = M.load_testbed(out / "weights"), M.load_testbed(tmp_path / "weights")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -66,9 +66,9 @@ def test_training_continues_and_records_the_history(stage1, tmp_path):
     assert log["history"][0]["init_from"] is None and log["history"][1]["init_from"] == record
     assert json.loads((tmp_path / "train_log.json").read_text()) == log
 
-    rows = list(csv.DictReader(open(tmp_path / "loss.csv")))
+    rows = list(csv.DictReader((tmp_path / "loss.csv").read_text().splitlines()))
     assert [(int(r["step"]), int(r["stage"])) for r in rows] == [(2, 1), (3, 1), (4, 2), (5, 2)]
-    assert rows[:2] == [dict(r, stage="1") for r in csv.DictReader(open(stage1 / "loss.csv"))]
+    assert rows[:2] == [dict(r, stage="1") for r in csv.DictReader((stage1 / "loss.csv").read_text().splitlines())]
     assert float(rows[2]["lr"]) == pytest.approx(3e-4 / T.CONTINUE_WARMUP)  # a fresh warm-up
     assert loss_curve_image(tmp_path / "loss.csv").size == (480, 240)
 
@@ -84,7 +84,7 @@ def test_init_from_the_shipped_weights_reads_their_history():
     shipped = json.loads((M.WEIGHTS_DIR / "train_log.json").read_text())
     assert previous == shipped and record["previous_steps"] == shipped["steps"]
     assert record["previous_log"] == str(M.WEIGHTS_DIR / "train_log.json")
-    assert len(rows) == len(list(csv.DictReader(open(M.WEIGHTS_DIR / "loss.csv")))) and rows[-1][4] == 1
+    assert len(rows) == len(list(csv.DictReader((M.WEIGHTS_DIR / "loss.csv").read_text().splitlines()))) and rows[-1][4] == 1
     assert len([n for n in record["files_sha256"] if n.endswith(".safetensors")]) == len(list(M.WEIGHTS_DIR.glob("*.safetensors")))
     assert next(model.parameters()).dtype == torch.float32
 
