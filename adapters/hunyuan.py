@@ -39,23 +39,12 @@ class HunyuanJointAttention(SiteProcessor):
         single = attn.add_q_proj is None
         if single:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        q = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        k = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _qkv(hidden_states, attn.heads, (attn.to_q, attn.to_k, attn.to_v), attn.norm_q, attn.norm_k)
         if image_rotary_emb is not None:
             q, k = (_rotate_video(x, image_rotary_emb, n_text if single else 0) for x in (q, k))
         if not single:
-            tq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            tk = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            tv = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                tq = attn.norm_added_q(tq)
-            if attn.norm_added_k is not None:
-                tk = attn.norm_added_k(tk)
+            tq, tk, tv = _qkv(encoder_hidden_states, attn.heads, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                              attn.norm_added_q, attn.norm_added_k)
             q, k, v = torch.cat([q, tq], dim=1), torch.cat([k, tk], dim=1), torch.cat([v, tv], dim=1)
 
         out = self._attention(q, k, v, attention_mask).flatten(2, 3).to(q.dtype)
@@ -83,6 +72,13 @@ class HunyuanJointAttention(SiteProcessor):
         kept = self.attend(q[:, :n], k[:, :n], v[:, :n], layout="blhd", dense=unmasked)
         padded_queries = unmasked(q[:, n:], k[:, :n], v[:, :n])
         return torch.cat([kept, padded_queries], dim=1)
+
+
+def _qkv(x: torch.Tensor, heads: int, projections, norm_q, norm_k) -> tuple[torch.Tensor, ...]:
+    """q, k, v `[B, L, heads, D]` of `x` through the three projections, q and k normalised when the
+    block has the norms."""
+    q, k, v = (proj(x).unflatten(2, (heads, -1)) for proj in projections)
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
 
 
 def _rotate_video(x: torch.Tensor, rope, n_text: int) -> torch.Tensor:

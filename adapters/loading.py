@@ -254,20 +254,27 @@ def match_variant(class_name: str, state: dict) -> str:
 
 def load_transformer(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu") -> Loaded:
     """Load a video transformer from a .safetensors file or a diffusers folder, offline."""
+    return _load(path, TRANSFORMER_CLASSES, "transformer", dtype, device, _prepare_transformer)
+
+
+def _prepare_transformer(state: dict, dtype) -> tuple[str, dict, bool]:
+    state = dequantise_scaled_fp8(state, dtype)  # straight to the device
+    family, original = detect_transformer_family(state)
+    return family, to_diffusers_keys(family, state) if original else state, original
+
+
+def _load(path, classes: dict, subfolder: str, dtype, device, prepare) -> Loaded:
+    """A diffusers folder, or a single .safetensors file whose prefix-stripped state `prepare(state,
+    dtype)` turns into (family, diffusers-keyed state, had original keys)."""
     path = Path(path)
     if path.is_dir():
-        return _load_folder(path, TRANSFORMER_CLASSES, "transformer", dtype, device)
+        return _load_folder(path, classes, subfolder, dtype, device)
     if not path.is_file():
         raise LoadError(f"{path}: no such file or folder")
-    state = dequantise_scaled_fp8(strip_prefix(read_safetensors(path, device)), dtype)  # straight to the device
-    family, original = detect_transformer_family(state)
-    if original:
-        state = to_diffusers_keys(family, state)
-    class_name = TRANSFORMER_CLASSES[family]
-    variant = match_variant(class_name, state)
+    family, state, original = prepare(strip_prefix(read_safetensors(path, device)), dtype)
+    variant = match_variant(classes[family], state)
     model = materialise(build_empty(shipped_config(variant)), state, dtype=dtype, device=device)
-    source = "single file (original keys)" if original else "single file (diffusers keys)"
-    return Loaded(model, family, variant, source)
+    return Loaded(model, family, variant, "single file (original keys)" if original else "single file (diffusers keys)")
 
 
 def _load_folder(path: Path, classes: dict, subfolder: str, dtype, device) -> Loaded:
@@ -306,20 +313,16 @@ def detect_vae_family(state: dict) -> tuple[str, bool]:
 
 def load_vae(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Loaded:
     """Load a video VAE from a .safetensors file or a diffusers folder, offline."""
-    path = Path(path)
-    if path.is_dir():
-        return _load_folder(path, VAE_CLASSES, "vae", dtype, device)
-    if not path.is_file():
-        raise LoadError(f"{path}: no such file or folder")
-    state = strip_prefix(read_safetensors(path, device))
+    return _load(path, VAE_CLASSES, "vae", dtype, device, _prepare_vae)
+
+
+def _prepare_vae(state: dict, dtype) -> tuple[str, dict, bool]:
     family, original = detect_vae_family(state)
     if original:
         from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
         state = convert_wan_vae_to_diffusers(dict(state))
-    variant = match_variant(VAE_CLASSES[family], state)
-    model = materialise(build_empty(shipped_config(variant)), state, dtype=dtype, device=device)
-    return Loaded(model, family, variant, "single file (original keys)" if original else "single file (diffusers keys)")
+    return family, state, original
 
 
 def decode_video(vae: torch.nn.Module, latents: torch.Tensor, family: str, *, tiled: bool = True) -> torch.Tensor:

@@ -147,17 +147,22 @@ def cube_order_map(frames: int, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(_cube_map_numpy(frames, height, width).copy())
 
 
+def _grid_part(idx, prefix: int, frames: int, height: int, width: int):
+    """(int64 indices, their grid offsets (0 off the grid), on-grid mask, tokens per frame)."""
+    _check_geometry(prefix, frames, height, width)
+    idx = torch.as_tensor(idx).to(torch.int64)
+    P = height * width
+    g = idx - prefix
+    on_grid = (g >= 0) & (g < frames * P)
+    return idx, torch.where(on_grid, g, 0), on_grid, P
+
+
 def physical_to_logical(p_idx: torch.Tensor, order: int, prefix: int, frames: int,
                         height: int, width: int) -> torch.Tensor:
     """Map a head's physical positions to logical token indices (identity off the grid)."""
-    _check_geometry(prefix, frames, height, width)
-    p_idx = torch.as_tensor(p_idx).to(torch.int64)
+    p_idx, g, on_grid, P = _grid_part(p_idx, prefix, frames, height, width)
     if order not in (SPACE_MAJOR, CUBE):
         return p_idx.clone()
-    P = height * width
-    g = p_idx - prefix
-    on_grid = (g >= 0) & (g < frames * P)
-    g = torch.where(on_grid, g, 0)
     if order == CUBE:
         return torch.where(on_grid, prefix + cube_order_map(frames, height, width).to(g.device)[g], p_idx)
     s, f = torch.div(g, frames, rounding_mode="floor"), torch.remainder(g, frames)
@@ -167,14 +172,9 @@ def physical_to_logical(p_idx: torch.Tensor, order: int, prefix: int, frames: in
 def logical_to_physical(idx: torch.Tensor, order: int, prefix: int, frames: int,
                         height: int, width: int) -> torch.Tensor:
     """Inverse of `physical_to_logical`: logical token indices to a head's physical positions."""
-    _check_geometry(prefix, frames, height, width)
-    idx = torch.as_tensor(idx).to(torch.int64)
+    idx, g, on_grid, P = _grid_part(idx, prefix, frames, height, width)
     if order not in (SPACE_MAJOR, CUBE):
         return idx.clone()
-    P = height * width
-    g = idx - prefix
-    on_grid = (g >= 0) & (g < frames * P)
-    g = torch.where(on_grid, g, 0)
     if order == CUBE:
         inverse = torch.argsort(cube_order_map(frames, height, width)).to(g.device)
         return torch.where(on_grid, prefix + inverse[g], idx)
