@@ -72,58 +72,109 @@ def _divmod(x, d, inv_d):
 @triton.jit
 def _to_logical(p, order, prefix, F, P, N, inv_F, cube_map):
     """Physical positions -> logical token indices: space-major heads permute the grid
-    arithmetically, cube-order heads through the `cube_map` lookup table."""
-    g = p - prefix
-    on_grid = (g >= 0) & (g < N)
-    g = tl.where(on_grid, g, 0)
+    arithmetically, cube-order heads through the `cube_map` lookup table, frame-major heads are the
+    identity. Each branch computes its own grid test, so no boolean lives across the branches (the
+    compiler would pack and unpack it bit by bit)."""
     if order == 2:
-        lg = tl.load(cube_map + g, mask=on_grid, other=0)
+        g = p - prefix
+        on_grid = (g >= 0) & (g < N)
+        lg = tl.load(cube_map + tl.where(on_grid, g, 0), mask=on_grid, other=0)
+        lk = tl.where(on_grid, prefix + lg, p)
     elif order == 1:
-        s, f = _divmod(g, F, inv_F)
-        lg = f * P + s
+        g = p - prefix
+        on_grid = (g >= 0) & (g < N)
+        s, f = _divmod(tl.where(on_grid, g, 0), F, inv_F)
+        lk = tl.where(on_grid, prefix + f * P + s, p)
     else:
-        lg = g
-    return tl.where(on_grid, prefix + lg, p)
+        lk = p
+    return lk
+
+
+def box_layouts(frames: int, height: int, width: int) -> list[int]:
+    """Bit layout of the packed box codes `_box_pass` compares: [window y shift, window f shift,
+    window guard, multi-diagonal f shift, multi-diagonal guard] (x and s sit at bit 0). A field of a
+    dimension of size d is (2d).bit_length() + 1 bits wide: any coordinate plus a radius clipped to
+    d - 1 stays below its guard bit. For grids under 2**22 tokens every code fits 31 bits; guards are
+    returned as signed int32 values."""
+    def bits(d):
+        return (2 * d).bit_length() + 1
+
+    P = height * width
+    wf, wy, wx, ws = bits(frames), bits(height), bits(width), bits(P)
+    if max(wf + wy + wx, wf + ws) > 32:
+        raise ValueError(f"grid {frames}x{height}x{width} is too large for the kernel's 32-bit masks")
+
+    def signed(v):
+        return v - (1 << 32) if v >= 1 << 31 else v
+
+    win_guard = (1 << (wx - 1)) | (1 << (wx + wy - 1)) | (1 << (wx + wy + wf - 1))
+    md_guard = (1 << (ws - 1)) | (1 << (ws + wf - 1))
+    return [wx, wx + wy, signed(win_guard), ws, signed(md_guard)]
 
 
 @triton.jit
-def _near(a, b, r):
-    """|a[:, None] - b[None, :]| <= r for r >= 0 as one subtract and one unsigned compare per pair
-    (a + r is per row): a - b + r lies in [0, 2r] exactly when the distance is within r."""
-    return ((a + r)[:, None] - b[None, :]).to(tl.uint32, bitcast=True) <= (2 * r).to(tl.uint32, bitcast=True)
+def _box_pass(q_code, q_reach, code, radius, guard, dead):
+    """Every field of the packed (query, key) codes within the box radius r, as two subtractions,
+    one three-way AND and one compare per pair. q_reach = q + r + guard and k + r + guard keep every
+    field below its guard bit, so nothing carries across fields; (q_reach - k) keeps a field's guard
+    bit exactly when q + r >= k, (k + r + guard - q) when k + r >= q. Non-grid query rows have reach
+    -1 and code 0 (they pass every key); a dead key (past kv_len or the sequence) gets code = guard,
+    which fails every row."""
+    k_code = tl.where(dead, guard, code)
+    x = q_reach[:, None] - k_code[None, :]
+    y = (code + radius + guard)[None, :] - q_code[:, None]
+    return (x & y & guard) == guard
 
 
 @triton.jit
-def _rule_tile(rule, lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N, inv_P, inv_W):
-    """The exact rule of kernels/rule.py (row at `rule`) on one [BLOCK_M, BLOCK_N] tile; the query
-    coordinates come precomputed, key coordinates are derived only for the enabled components.
-    A component with a negative radius is empty; the self pair is tested only when no enabled
-    component already holds it."""
+def _query_codes(code, radius, guard, q_grid):
+    """(code, reach) of query rows for `_box_pass`; non-grid rows attend every key."""
+    return tl.where(q_grid, code, 0), tl.where(q_grid, code + radius + guard, -1)
+
+
+@triton.jit
+def _stripe_keys(rule, gk):
+    """Keys a head's vertical stripes make global: the first `rule[8]` grid tokens and up to three
+    grid ranges."""
+    n_cols = tl.load(rule + 9)
+    hit = gk < tl.load(rule + 8)
+    hit = hit | ((n_cols > 0) & (gk >= tl.load(rule + 10)) & (gk < tl.load(rule + 11)))
+    hit = hit | ((n_cols > 1) & (gk >= tl.load(rule + 12)) & (gk < tl.load(rule + 13)))
+    hit = hit | ((n_cols > 2) & (gk >= tl.load(rule + 14)) & (gk < tl.load(rule + 15)))
+    return hit
+
+
+@triton.jit
+def _masked_scores(s, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end):
+    """One tile's scores with the exact rule of kernels/rule.py applied (-inf where a pair is not
+    attended): always-attended keys (non-grid, stripes) first, then the OR of the head's enabled
+    boxes (diagonal over g, multi-diagonal over (f, s), window over (f, y, x)), each written
+    straight into the scores so no boolean tile lives across branches. `box` holds the head's
+    per-q-tile query codes and scalars (see the kernel's prologue); key coordinates are derived
+    only for the enabled boxes."""
+    (rule, has_stripes, lay, diag_on, q_g_reach, q_g_span, md_on, q_md, q_md_reach, r_md,
+     win_on, q_win, q_win_reach, r_win) = box
     gk = lk - prefix
     k_grid = (gk >= 0) & (gk < N)
-    n_cols = tl.load(rule + 9)
-    key_always = (gk < tl.load(rule + 8)) | (k_grid == 0)
-    key_always = key_always | ((n_cols > 0) & (gk >= tl.load(rule + 10)) & (gk < tl.load(rule + 11)))
-    key_always = key_always | ((n_cols > 1) & (gk >= tl.load(rule + 12)) & (gk < tl.load(rule + 13)))
-    key_always = key_always | ((n_cols > 2) & (gk >= tl.load(rule + 14)) & (gk < tl.load(rule + 15)))
-    allowed = (q_grid == 0)[:, None] | key_always[None, :]
-    diag = tl.load(rule + 2)
-    md_s, md_t = tl.load(rule + 3), tl.load(rule + 4)
-    win_f, win_y, win_x = tl.load(rule + 5), tl.load(rule + 6), tl.load(rule + 7)
-    md_on = (md_s >= 0) & (md_t >= 0)
-    win_on = (win_f >= 0) & (win_y >= 0) & (win_x >= 0)
-    if (diag < 0) & (md_on == 0) & (win_on == 0):
-        allowed = allowed | (lq[:, None] == lk[None, :])
-    if diag >= 0:
-        allowed = allowed | _near(gq, gk, diag)
+    always = k_grid == 0
+    if has_stripes:
+        always = always | _stripe_keys(rule, gk)
+    out = tl.where((always & (lk < kv_end))[None, :], s, float("-inf"))
+    gk = tl.where(k_grid, gk, 0)
+    if diag_on:  # |g_q - g_k| <= r as one subtraction and one unsigned compare (see the prologue)
+        gk_live = tl.where(lk >= kv_end, -(1 << 30), gk)
+        near = (q_g_reach[:, None] - gk_live[None, :]).to(tl.uint32, bitcast=True) <= q_g_span[:, None]
+        out = tl.where(near, s, out)
     if md_on | win_on:
-        fk, sk = _divmod(tl.where(k_grid, gk, 0), P, inv_P)
+        fk, sk = _divmod(gk, P, inv_P)
         if md_on:
-            allowed = allowed | (_near(sq, sk, md_s) & _near(fq, fk, md_t))
+            code = (fk << lay[3]) | sk
+            out = tl.where(_box_pass(q_md, q_md_reach, code, r_md, lay[4], lk >= kv_end), s, out)
         if win_on:
             yk, xk = _divmod(sk, W, inv_W)
-            allowed = allowed | (_near(fq, fk, win_f) & _near(yq, yk, win_y) & _near(xq, xk, win_x))
-    return allowed
+            code = (fk << lay[1]) | (yk << lay[0]) | xk
+            out = tl.where(_box_pass(q_win, q_win_reach, code, r_win, lay[2], lk >= kv_end), s, out)
+    return out
 
 
 @triton.jit
@@ -138,12 +189,11 @@ def _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION: tl.constexpr)
 
 
 @triton.jit
-def _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, kt_hi, k_base, v_base,
-                  stride_kl, stride_vl, rule, order, cube_map, prefix, F, P, W, N, L, kv_end, qk_scale,
-                  inv_F, inv_P, inv_W, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _attend_tiles(acc, m_i, l_i, q, box, kt_lo, kt_hi, k_base, v_base, stride_kl, stride_vl, order, cube_map,
+                  prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W, HEAD_DIM: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """Online-softmax update over k-tiles [kt_lo, kt_hi) with K/V rows gathered through the head's
-    physical->logical map; MASKED evaluates the rule and kv_len."""
+    physical->logical map; MASKED applies the rule (`box`, see `_masked_scores`) and kv_len."""
     offs_d = tl.arange(0, HEAD_DIM)
     for kt in range(kt_lo, kt_hi):
         offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -153,8 +203,7 @@ def _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, kt_hi
                     mask=k_valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
-            allowed = _rule_tile(rule, lq, gq, q_grid, fq, sq, yq, xq, lk, prefix, P, W, N, inv_P, inv_W)
-            s = tl.where(allowed & (lk < kv_end)[None, :], s, float("-inf"))
+            s = _masked_scores(s, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end)
         v = tl.load(v_base + lk.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
                     mask=k_valid[:, None], other=0.0)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION)
@@ -162,14 +211,19 @@ def _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, kt_hi
 
 
 @triton.jit
-def _attend_full_tiles_tma(acc, m_i, l_i, q, kt_lo, kt_hi, desc_k, desc_v, k_row, k_col, v_row, v_col,
-                           qk_scale, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update over full k-tiles [kt_lo, kt_hi) of a frame-major head (physical order
-    is token order, so a tile is BLOCK_N consecutive rows), K/V fetched by TMA through 2D
-    descriptors whose rows are the tensor's token rows (`*_row`/`*_col`: where this head's token 0 is)."""
+def _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, kt_hi, desc_k, desc_v, k_row, k_col, v_row, v_col,
+                      prefix, P, W, N, kv_end, qk_scale, inv_P, inv_W, BLOCK_N: tl.constexpr,
+                      MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax update over k-tiles [kt_lo, kt_hi) of a frame-major head (physical order is
+    token order, so a tile is BLOCK_N consecutive rows), K/V fetched by TMA through 2D descriptors
+    whose rows are the tensor's token rows (`*_row`/`*_col`: where this head's token 0 is); MASKED
+    applies the rule and kv_len. Rows past the head's end belong to the next head or sample (or are
+    zero-filled past the tensor): they are finite and always masked (dead keys)."""
     for kt in range(kt_lo, kt_hi):
         k = desc_k.load([k_row + kt * BLOCK_N, k_col])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if MASKED:
+            s = _masked_scores(s, box, kt * BLOCK_N + tl.arange(0, BLOCK_N), prefix, P, W, N, inv_P, inv_W, kv_end)
         v = desc_v.load([v_row + kt * BLOCK_N, v_col])
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION)
     return acc, m_i, l_i
@@ -189,6 +243,7 @@ def _sparse_attention_fwd(
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
     n_active, L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale, work_bucket, density_bucket, has_desc,
+    win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
@@ -219,8 +274,31 @@ def _sparse_attention_fwd(
     q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
     gq = lq - prefix
     q_grid = (gq >= 0) & (gq < N)
-    fq, sq = _divmod(tl.where(q_grid, gq, 0), P, inv_P)
+    gq = tl.where(q_grid, gq, 0)
+    fq, sq = _divmod(gq, P, inv_P)
     yq, xq = _divmod(sq, W, inv_W)
+    # the head's boxes (radii clipped to the grid, so every packed field stays below its guard bit)
+    # and this q-tile's query codes; a head with no component attends itself (a diagonal of radius 0)
+    diag = tl.load(rule + 2)
+    md_s, md_t = tl.load(rule + 3), tl.load(rule + 4)
+    win_f, win_y, win_x = tl.load(rule + 5), tl.load(rule + 6), tl.load(rule + 7)
+    md_on = (md_s >= 0) & (md_t >= 0)
+    win_on = (win_f >= 0) & (win_y >= 0) & (win_x >= 0)
+    diag_on = (diag >= 0) | ((md_on == 0) & (win_on == 0))
+    r_g = tl.minimum(tl.maximum(diag, 0), N - 1)
+    r_md = (tl.minimum(md_t, F - 1) << md_f_shift) | tl.minimum(md_s, P - 1)
+    r_win = ((tl.minimum(win_f, F - 1) << win_f_shift) | (tl.minimum(win_y, P // W - 1) << win_y_shift)
+             | tl.minimum(win_x, W - 1))
+    # the diagonal: g_q + r - g_k in [0, 2r] (unsigned); non-grid rows pass every live key
+    # (2**30 - g_k <= 2**31 - 1), dead keys (g_k = -2**30) fail every row
+    q_g_reach = tl.where(q_grid, gq + r_g, 1 << 30)
+    q_g_span = tl.where(q_grid, 2 * r_g, (1 << 31) - 1).to(tl.uint32, bitcast=True)
+    q_md, q_md_reach = _query_codes((fq << md_f_shift) | sq, r_md, md_guard, q_grid)
+    q_win, q_win_reach = _query_codes((fq << win_f_shift) | (yq << win_y_shift) | xq, r_win, win_guard, q_grid)
+    has_stripes = (tl.load(rule + 8) > 0) | (tl.load(rule + 9) > 0)
+    lay = (win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard)
+    box = (rule, has_stripes, lay, diag_on, q_g_reach, q_g_span, md_on, q_md, q_md_reach, r_md,
+           win_on, q_win, q_win_reach, r_win)
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -243,24 +321,22 @@ def _sparse_attention_fwd(
         full = tl.load(RUNS + 3 * r + 2)
         # full tiles before the cut need no mask; partial tiles and the rest do
         split = tl.where(full != 0, tl.maximum(kt_lo, tl.minimum(kt_hi, first_cut_tile)), kt_lo)
-        if USE_TMA:  # compile-time: without descriptors only the gathered path exists
-            if order == 0:
-                acc, m_i, l_i = _attend_full_tiles_tma(acc, m_i, l_i, q, kt_lo, split, DESC_K, DESC_V,
-                                                       k_row, k_col, v_row, v_col, qk_scale, BLOCK_N, PRECISION)
-            else:
-                acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, split,
-                                              k_base, v_base, stride_kl, stride_vl, rule, order, CUBE_MAP,
-                                              prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
-                                              HEAD_DIM, BLOCK_N, False, PRECISION)
+        if USE_TMA and order == 0:  # USE_TMA is compile-time: without descriptors only gathered loads exist
+            acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, split, DESC_K, DESC_V, k_row, k_col,
+                                              v_row, v_col, prefix, P, W, N, kv_end, qk_scale, inv_P, inv_W,
+                                              BLOCK_N, False, PRECISION)
+            acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, split, kt_hi, DESC_K, DESC_V, k_row, k_col,
+                                              v_row, v_col, prefix, P, W, N, kv_end, qk_scale, inv_P, inv_W,
+                                              BLOCK_N, True, PRECISION)
         else:
-            acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, kt_lo, split,
-                                          k_base, v_base, stride_kl, stride_vl, rule, order, CUBE_MAP, prefix,
-                                          F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
+            acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, box, kt_lo, split, k_base, v_base,
+                                          stride_kl, stride_vl, order, CUBE_MAP, prefix, F, P, W, N, L,
+                                          kv_end, qk_scale, inv_F, inv_P, inv_W,
                                           HEAD_DIM, BLOCK_N, False, PRECISION)
-        acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, lq, gq, q_grid, fq, sq, yq, xq, split, kt_hi,
-                                      k_base, v_base, stride_kl, stride_vl, rule, order, CUBE_MAP, prefix, F, P, W,
-                                      N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
-                                      HEAD_DIM, BLOCK_N, True, PRECISION)
+            acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, box, split, kt_hi, k_base, v_base,
+                                          stride_kl, stride_vl, order, CUBE_MAP, prefix, F, P, W, N, L,
+                                          kv_end, qk_scale, inv_F, inv_P, inv_W,
+                                          HEAD_DIM, BLOCK_N, True, PRECISION)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -367,7 +443,7 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
             qb.stride(0), qb.stride(1), qb.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
             vb.stride(0), vb.stride(1), vb.stride(2), ob.stride(0), ob.stride(1), ob.stride(2),
             n_active, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
-            scale * _LOG2E, work_bucket, density_bucket, has_desc)
+            scale * _LOG2E, work_bucket, density_bucket, has_desc, *box_layouts(frames, height, width))
     kernel, options = _sparse_attention_fwd, {}
     tuned = None
     if _REUSE_TUNED[0]:  # the autotuner's key of this launch: its key values, then every arg's dtype

@@ -13,7 +13,7 @@ from sparse_vdit.kernels import (KernelTables, rule_mask, sparse_attention, spar
                                  supports, tables_from_rules)
 from sparse_vdit.kernels import rule as R
 from sparse_vdit.kernels.rule import make_rule
-from sparse_vdit.kernels.triton_attention import _divmod, launch_sparse_attention
+from sparse_vdit.kernels.triton_attention import _box_pass, _divmod, box_layouts, launch_sparse_attention
 
 
 def random_rule(rng: random.Random, F: int, H: int, W: int, kind: str):
@@ -341,6 +341,55 @@ def test_kernel_index_division_is_exact(d):
     q, r = torch.empty_like(x), torch.empty_like(x)
     _divmod_kernel[(len(x) // 1024,)](x, q, r, d, 1.0 / d, BLOCK=1024)
     assert torch.equal(q, x // d) and torch.equal(r, x % d)
+
+
+@triton.jit
+def _window_box_kernel(QF, QY, QX, KF, KY, KX, DEAD, OUT, rf, ry, rx, y_shift, f_shift, guard,
+                       BQ: tl.constexpr, BK: tl.constexpr):
+    i, j = tl.arange(0, BQ), tl.arange(0, BK)
+    qc = (tl.load(QF + i) << f_shift) | (tl.load(QY + i) << y_shift) | tl.load(QX + i)
+    kc = (tl.load(KF + j) << f_shift) | (tl.load(KY + j) << y_shift) | tl.load(KX + j)
+    radius = (rf << f_shift) | (ry << y_shift) | rx
+    ok = _box_pass(qc, qc + radius + guard, kc, radius, guard, tl.load(DEAD + j) != 0)
+    tl.store(OUT + i[:, None] * BK + j[None, :], ok.to(tl.int32))
+
+
+@pytest.mark.parametrize("grid", [(21, 45, 80), (33, 45, 80), (11, 48, 85), (1, 2048, 2048), (4096, 32, 32)])
+def test_packed_window_test_matches_coordinate_distances(grid):
+    # the kernel's one-compare 3D window test on packed (f, y, x) codes, at real and extreme grids
+    # (radii up to the dimension, coordinates at the edges) against |dq| <= r per axis
+    F, H, W = grid
+    y_shift, f_shift, guard, *_ = box_layouts(F, H, W)
+    g = torch.Generator().manual_seed(F * H * W)
+    n = 64
+
+    def coords():
+        c = [torch.randint(0, d, (n,), generator=g, dtype=torch.int32) for d in (F, H, W)]
+        for axis, d in enumerate((F, H, W)):
+            c[axis][:4] = torch.tensor([0, d - 1, 0, d - 1], dtype=torch.int32)
+        return c
+
+    q, k = coords(), coords()
+    dead = (torch.rand(n, generator=g) < 0.1).to(torch.int32)
+    for radii in [(0, 0, 0), (F - 1, H - 1, W - 1)] + [tuple(int(torch.randint(0, d, (1,), generator=g))
+                                                           for d in (F, H, W)) for _ in range(4)]:
+        out = torch.empty(n, n, dtype=torch.int32)
+        _window_box_kernel[(1,)](*q, *k, dead, out, *radii, y_shift, f_shift, guard, BQ=n, BK=n)
+        want = torch.ones(n, n, dtype=torch.bool)
+        for a, b, r in zip(q, k, radii):
+            want &= (a[:, None] - b[None, :]).abs() <= r
+        want &= dead[None, :] == 0
+        assert torch.equal(out.bool(), want), radii
+
+
+def test_packed_codes_fit_32_bits_up_to_the_length_limit():
+    # every grid under 2**22 tokens fits (field widths grow with log2 of each size)
+    for F, H, W in [(1, 1, 1 << 21), (1 << 21, 1, 1), (1, 2048, 2047), (255, 127, 129), (63, 255, 255)]:
+        assert F * H * W < 1 << 22
+        y_shift, f_shift, guard, s_shift, md_guard = box_layouts(F, H, W)
+        assert -(1 << 31) <= guard < 1 << 31 and -(1 << 31) <= md_guard < 1 << 31
+    with pytest.raises(ValueError, match="too large"):
+        box_layouts(1 << 12, 1 << 12, 1 << 12)
 
 
 def test_custom_op_traces_without_graph_break():
