@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rule import CUBE, ORDER, ROW_BASE, RULE_INTS, SKIP_HEAD, cube_order_map
+from .rule import CUBE, ORDER, ROW_BASE, RULE_INTS, SKIP_HEAD, SPACE_MAJOR, cube_order_map
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -74,6 +74,13 @@ class KernelTables:
         """Whether some head runs in cube order (ORDER 2) and so needs `cube_map`."""
         return self._head_info()[1]
 
+    def launch_heads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(active heads, skip heads, space-major head indices int64, each head's slot among them
+        int32 [H], -1 for other heads) on the tables' device, from one cached host read: the kernel
+        gives space-major heads K/V copies in their own token order."""
+        (active, skip), _, (space, slots) = self._head_info()
+        return active, skip, space, slots
+
     def _head_info(self):
         """((active, skip), any cube-order head), computed once per head_rules tensor (one host
         sync) and cached on that tensor, so tables rebuilt around the same head_rules reuse it."""
@@ -88,7 +95,10 @@ class KernelTables:
             ids = torch.arange(self.heads)
             active = ids[order != SKIP_HEAD].to(device=self.device, dtype=torch.int32)
             skip = ids[order == SKIP_HEAD].to(device=self.device, dtype=torch.int64)
-            cached = (version, ((active, skip), bool((order == CUBE).any())))
+            space = order == SPACE_MAJOR
+            slot = torch.where(space, torch.cumsum(space, 0) - 1, -1)
+            space_major = (ids[space].to(self.device), slot.to(device=self.device, dtype=torch.int32))
+            cached = (version, ((active, skip), bool((order == CUBE).any()), space_major))
             rules._sparse_vdit_head_split = cached
         return cached[1]
 

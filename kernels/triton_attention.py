@@ -10,6 +10,7 @@ output slice is zero-filled. Registered as the custom op `torch.ops.sparse_vdit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from typing import Optional
@@ -18,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .rule import SPACE_MAJOR, physical_to_logical
 from .tables import KernelTables
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -212,18 +214,20 @@ def _attend_tiles(acc, m_i, l_i, q, box, kt_lo, kt_hi, k_base, v_base, stride_kl
 
 @triton.jit
 def _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, kt_hi, desc_k, desc_v, k_row, k_col, v_row, v_col,
-                      prefix, P, W, N, kv_end, qk_scale, inv_P, inv_W, BLOCK_N: tl.constexpr,
-                      MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update over k-tiles [kt_lo, kt_hi) of a frame-major head (physical order is
-    token order, so a tile is BLOCK_N consecutive rows), K/V fetched by TMA through 2D descriptors
-    whose rows are the tensor's token rows (`*_row`/`*_col`: where this head's token 0 is); MASKED
-    applies the rule and kv_len. Rows past the head's end belong to the next head or sample (or are
-    zero-filled past the tensor): they are finite and always masked (dead keys)."""
+                      order, cube_map, prefix, F, P, W, N, kv_end, qk_scale, inv_F, inv_P, inv_W,
+                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax update over k-tiles [kt_lo, kt_hi) whose K/V rows lie in the head's physical
+    order (frame-major heads: the inputs themselves; space-major heads: their token-order copies),
+    so a tile is BLOCK_N consecutive rows fetched by TMA through 2D descriptors (`*_row`/`*_col`:
+    where this head's position 0 is); MASKED applies the rule and kv_len to the tile's logical
+    keys. Rows past a head's end belong to the next head or sample (or are zero-filled past the
+    tensor): they are finite and always masked (dead keys)."""
     for kt in range(kt_lo, kt_hi):
         k = desc_k.load([k_row + kt * BLOCK_N, k_col])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
-            s = _masked_scores(s, box, kt * BLOCK_N + tl.arange(0, BLOCK_N), prefix, P, W, N, inv_P, inv_W, kv_end)
+            lk = _to_logical(kt * BLOCK_N + tl.arange(0, BLOCK_N), order, prefix, F, P, N, inv_F, cube_map)
+            s = _masked_scores(s, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end)
         v = desc_v.load([v_row + kt * BLOCK_N, v_col])
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION)
     return acc, m_i, l_i
@@ -239,11 +243,11 @@ def _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, kt_hi, desc_k, desc_v, k_row
                  cache_results=True)
 @triton.jit(do_not_specialize=["n_active", "work_bucket"])  # one binary whatever the head mix
 def _sparse_attention_fwd(
-    Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN, CUBE_MAP, DESC_K, DESC_V,
+    Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN, CUBE_MAP, DESC_K, DESC_V, DESC_KS, DESC_VS, SLOT,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
     n_active, L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale, work_bucket, density_bucket, has_desc,
-    win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard,
+    win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard, n_slots,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
@@ -323,11 +327,19 @@ def _sparse_attention_fwd(
         split = tl.where(full != 0, tl.maximum(kt_lo, tl.minimum(kt_hi, first_cut_tile)), kt_lo)
         if USE_TMA and order == 0:  # USE_TMA is compile-time: without descriptors only gathered loads exist
             acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, split, DESC_K, DESC_V, k_row, k_col,
-                                              v_row, v_col, prefix, P, W, N, kv_end, qk_scale, inv_P, inv_W,
-                                              BLOCK_N, False, PRECISION)
+                                              v_row, v_col, order, CUBE_MAP, prefix, F, P, W, N, kv_end,
+                                              qk_scale, inv_F, inv_P, inv_W, BLOCK_N, False, PRECISION)
             acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, split, kt_hi, DESC_K, DESC_V, k_row, k_col,
-                                              v_row, v_col, prefix, P, W, N, kv_end, qk_scale, inv_P, inv_W,
-                                              BLOCK_N, True, PRECISION)
+                                              v_row, v_col, order, CUBE_MAP, prefix, F, P, W, N, kv_end,
+                                              qk_scale, inv_F, inv_P, inv_W, BLOCK_N, True, PRECISION)
+        elif USE_TMA and (order == 1) & (n_slots > 0):  # a space-major head's token-order copy [B, slots, L, D]
+            s_row = ((b * n_slots + tl.load(SLOT + h)) * L).to(tl.int32)
+            acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, split, DESC_KS, DESC_VS, s_row, 0,
+                                              s_row, 0, order, CUBE_MAP, prefix, F, P, W, N, kv_end,
+                                              qk_scale, inv_F, inv_P, inv_W, BLOCK_N, False, PRECISION)
+            acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, split, kt_hi, DESC_KS, DESC_VS, s_row, 0,
+                                              s_row, 0, order, CUBE_MAP, prefix, F, P, W, N, kv_end,
+                                              qk_scale, inv_F, inv_P, inv_W, BLOCK_N, True, PRECISION)
         else:
             acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, box, kt_lo, split, k_base, v_base,
                                           stride_kl, stride_vl, order, CUBE_MAP, prefix, F, P, W, N, L,
@@ -409,16 +421,35 @@ def _row_descriptor(x: torch.Tensor, block_rows: int):
     return TensorDescriptor(x, [rows, sl], [sl, 1], [block_rows, D])
 
 
+@functools.lru_cache(maxsize=16)
+def _space_major_rows(prefix: int, frames: int, height: int, width: int, L: int, device: str) -> torch.Tensor:
+    """int64 [L]: the token (logical) row at each physical position of the space-major order."""
+    return physical_to_logical(torch.arange(L), SPACE_MAJOR, prefix, frames, height, width).to(device)
+
+
+def _token_order_copies(kb: torch.Tensor, vb: torch.Tensor, heads: torch.Tensor, geometry: list[int],
+                        block_n: int):
+    """TMA descriptors over copies [B, len(heads), L, D] of these heads' K and V rows in space-major
+    order, so their tiles are consecutive rows like a frame-major head's (one gather of 2·L·D
+    elements per head, ~1% of a dense pass); None when a copy can't get a descriptor."""
+    B, _, L, _ = kb.shape
+    rows = _space_major_rows(*geometry, L, str(kb.device))
+    copies = tuple(_row_descriptor(x[:, heads[:, None], rows[None, :]], block_n) for x in (kb, vb))
+    return None if None in copies else copies
+
+
 def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                             head_rules: torch.Tensor, row_ptr: torch.Tensor, runs: torch.Tensor,
                             active_heads: torch.Tensor, skip_heads: torch.Tensor,
                             kv_len: Optional[torch.Tensor], cube_map: Optional[torch.Tensor],
                             geometry: list[int], block_m: int, block_n: int, layout: str,
-                            scale: float, density_bucket: int = 0) -> None:
+                            scale: float, density_bucket: int = 0,
+                            space_major: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """Write sparse attention into `out` (same layout as q): skip heads zero-filled, active heads
     by the kernel. geometry = [prefix, frames, height, width]; cube_map is needed when a head runs
-    in cube order; density_bucket (KernelTables.density_bucket) only keys the autotuning; inputs
-    must already be validated."""
+    in cube order; density_bucket (KernelTables.density_bucket) only keys the autotuning;
+    space_major = KernelTables.space_major_heads() lets those heads load by TMA from copies of
+    their K/V in their own token order; inputs must already be validated."""
     qb, kb, vb, ob = (_bhld(t, layout) for t in (q, k, v, out))
     B, _, L, D = qb.shape
     prefix, frames, height, width = geometry
@@ -436,14 +467,20 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         descs = None if None in descs else descs
     work_bucket = (grid[0] * grid[1]).bit_length()
     has_desc = int(descs is not None)
+    # space-major heads read token-order copies by TMA; without them (or their descriptors) they
+    # gather, and the copy slots carry the K/V descriptors again, unused
+    copies = None
+    if descs is not None and space_major is not None and space_major[0].numel():
+        copies = _token_order_copies(kb, vb, space_major[0], geometry, block_n)
+    n_slots, slots = (space_major[0].numel(), space_major[1]) if copies else (0, head_rules)
     args = (qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads,
             kv_len if kv_len is not None else head_rules,
             cube_map if cube_map is not None else head_rules,
-            *(descs or (kb, vb)),
+            *(descs or (kb, vb)), *(copies or descs or (kb, vb)), slots,
             qb.stride(0), qb.stride(1), qb.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
             vb.stride(0), vb.stride(1), vb.stride(2), ob.stride(0), ob.stride(1), ob.stride(2),
             n_active, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
-            scale * _LOG2E, work_bucket, density_bucket, has_desc, *box_layouts(frames, height, width))
+            scale * _LOG2E, work_bucket, density_bucket, has_desc, *box_layouts(frames, height, width), n_slots)
     kernel, options = _sparse_attention_fwd, {}
     tuned = None
     if _REUSE_TUNED[0]:  # the autotuner's key of this launch: its key values, then every arg's dtype
@@ -463,28 +500,32 @@ def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_
                         row_ptr: torch.Tensor, runs: torch.Tensor, active_heads: torch.Tensor,
                         skip_heads: torch.Tensor, kv_len: Optional[torch.Tensor],
                         cube_map: Optional[torch.Tensor], geometry: list[int], block_m: int,
-                        block_n: int, layout: str, scale: float, density_bucket: int = 0) -> torch.Tensor:
+                        block_n: int, layout: str, scale: float, density_bucket: int = 0,
+                        space_heads: Optional[torch.Tensor] = None,
+                        space_slots: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Custom-op form of `launch_sparse_attention` returning a new contiguous output."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    space_major = None if space_heads is None or space_slots is None else (space_heads, space_slots)
     launch_sparse_attention(q, k, v, out, head_rules, row_ptr, runs, active_heads, skip_heads, kv_len,
-                            cube_map, geometry, block_m, block_n, layout, scale, density_bucket)
+                            cube_map, geometry, block_m, block_n, layout, scale, density_bucket, space_major)
     return out
 
 
 @sparse_attention_op.register_fake
 def _sparse_attention_fake(q, k, v, head_rules, row_ptr, runs, active_heads, skip_heads, kv_len,
-                           cube_map, geometry, block_m, block_n, layout, scale, density_bucket=0):
+                           cube_map, geometry, block_m, block_n, layout, scale, density_bucket=0,
+                           space_heads=None, space_slots=None):
     return q.new_empty(q.shape)
 
 
 def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: KernelTables,
                             layout: str, kv_len: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """Sparse attention through the custom op (inputs must already be validated)."""
-    active, skip = tables.head_split()
+    active, skip, space_heads, space_slots = tables.launch_heads()
     # checked in eager calls (the check is a host-side bool that torch.compile cannot trace)
     if tables.cube_map is None and not torch.compiler.is_compiling() and tables.uses_cube_order():
         raise ValueError("a head runs in cube order (ORDER 2) but the tables carry no cube_map")
     return torch.ops.sparse_vdit.sparse_attention(
         q, k, v, tables.head_rules, tables.row_ptr, tables.runs, active, skip, kv_len, tables.cube_map,
         [tables.prefix, tables.frames, tables.height, tables.width],
-        tables.block_m, tables.block_n, layout, float(scale), tables.density_bucket)
+        tables.block_m, tables.block_n, layout, float(scale), tables.density_bucket, space_heads, space_slots)

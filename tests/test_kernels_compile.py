@@ -20,7 +20,7 @@ from triton.compiler import ASTSource
 from sparse_vdit.kernels.triton_attention import _sparse_attention_fwd
 
 fn = _sparse_attention_fwd.fn
-POINTERS, INDEX, FLOATS = {"Q", "K", "V", "O"}, {"RULES", "ROW_PTR", "RUNS", "ACTIVE", "KV_LEN", "CUBE_MAP"}, \
+POINTERS, INDEX, FLOATS = {"Q", "K", "V", "O"}, {"RULES", "ROW_PTR", "RUNS", "ACTIVE", "KV_LEN", "CUBE_MAP", "SLOT"}, \
     {"inv_F", "inv_W", "inv_P", "qk_scale"}
 results = []
 for arch, D, bm, bn, tma, warps, stages, desc in json.loads(sys.argv[1]):
@@ -30,7 +30,7 @@ for arch, D, bm, bn, tma, warps, stages, desc in json.loads(sys.argv[1]):
         if name in const: sig[name] = "constexpr"
         elif name in POINTERS: sig[name] = "*bf16"
         elif name in INDEX: sig[name] = "*i32"
-        elif name in ("DESC_K", "DESC_V"): sig[name] = f"tensordesc<bf16[{bn},{D}]>" if desc else "*bf16"
+        elif name in ("DESC_K", "DESC_V", "DESC_KS", "DESC_VS"): sig[name] = f"tensordesc<bf16[{bn},{D}]>" if desc else "*bf16"
         elif name in FLOATS: sig[name] = "fp32"
         else: sig[name] = "i32"
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})

@@ -192,7 +192,7 @@ def test_closed_pass_launches_reuse_a_tuned_config(monkeypatch):
     cache = dict(getattr(TA._sparse_attention_fwd, "cache", {}))
     monkeypatch.setattr(TA._sparse_attention_fwd, "cache", cache)
     bucket = (triton.cdiv(geom.seq_len, 16) * 2).bit_length()
-    dtypes = ("torch.float32",) * 4 + ("torch.int32",) * 6  # q, k, v, out; rules, row_ptr, runs, active, kv, map
+    dtypes = ("torch.float32",) * 4 + ("torch.int32",) * 7  # q, k, v, out; rules, row_ptr, runs, active, kv, map, slots
     head = (64, 16, 16, "ieee")
     density = plan.tables.density_bucket
     cache[head + (bucket + 3, density, 1) + dtypes] = triton.Config({"USE_TMA": True}, num_warps=2, num_stages=1)
