@@ -14,30 +14,10 @@ pytest.importorskip("triton")
 
 SCRIPT = r'''
 import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from sparse_vdit.kernels.triton_attention import _sparse_attention_fwd
+from sparse_vdit.kernels.compile_target import compile_for_target
 
-fn = _sparse_attention_fwd.fn
-POINTERS, INDEX, FLOATS = {"Q", "K", "V", "O"}, {"RULES", "ROW_PTR", "RUNS", "ACTIVE", "KV_LEN", "CUBE_MAP", "SLOT"}, \
-    {"inv_F", "inv_W", "inv_P", "qk_scale"}
-results = []
-for arch, D, bm, bn, tma, warps, stages, desc in json.loads(sys.argv[1]):
-    const = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV_LEN=True, PRECISION="tf32", USE_TMA=tma)
-    sig = {}
-    for name in fn.arg_names:
-        if name in const: sig[name] = "constexpr"
-        elif name in POINTERS: sig[name] = "*bf16"
-        elif name in INDEX: sig[name] = "*i32"
-        elif name in ("DESC_K", "DESC_V", "DESC_KS", "DESC_VS"): sig[name] = f"tensordesc<bf16[{bn},{D}]>" if desc else "*bf16"
-        elif name in FLOATS: sig[name] = "fp32"
-        else: sig[name] = "i32"
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": warps, "num_stages": stages})
-    results.append(kernel.metadata.shared)
-print(json.dumps(results))
+print(json.dumps([compile_for_target(arch, D, bm, bn, tma, warps, stages, desc).metadata.shared
+                  for arch, D, bm, bn, tma, warps, stages, desc in json.loads(sys.argv[1])]))
 '''
 
 # (arch, head_dim, block_m, block_n, TMA, warps, stages): Hopper with and without descriptors at the
