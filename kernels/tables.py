@@ -74,12 +74,12 @@ class KernelTables:
         """Whether some head runs in cube order (ORDER 2) and so needs `cube_map`."""
         return self._head_info()[1]
 
-    def launch_heads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(active heads, skip heads, space-major head indices int64, each head's slot among them
-        int32 [H], -1 for other heads) on the tables' device, from one cached host read: the kernel
-        gives space-major heads K/V copies in their own token order."""
-        (active, skip), _, (space, slots) = self._head_info()
-        return active, skip, space, slots
+    def launch_heads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(active heads, skip heads, permuted heads, each head's slot among them int32 [H] (-1 for
+        the others), the permuted heads' orders int32) on the tables' device, from one cached host read.
+        Permuted heads (space-major or cube order) get K/V copies in their own physical order."""
+        (active, skip), _, permuted = self._head_info()
+        return (active, skip) + permuted
 
     def _head_info(self):
         """((active, skip), any cube-order head), computed once per head_rules tensor (one host
@@ -95,10 +95,11 @@ class KernelTables:
             ids = torch.arange(self.heads)
             active = ids[order != SKIP_HEAD].to(device=self.device, dtype=torch.int32)
             skip = ids[order == SKIP_HEAD].to(device=self.device, dtype=torch.int64)
-            space = order == SPACE_MAJOR
-            slot = torch.where(space, torch.cumsum(space, 0) - 1, -1)
-            space_major = (ids[space].to(self.device), slot.to(device=self.device, dtype=torch.int32))
-            cached = (version, ((active, skip), bool((order == CUBE).any()), space_major))
+            moved = (order == SPACE_MAJOR) | (order == CUBE)
+            slot = torch.where(moved, torch.cumsum(moved, 0) - 1, -1)
+            permuted = (ids[moved].to(self.device), slot.to(device=self.device, dtype=torch.int32),
+                        order[moved].to(device=self.device, dtype=torch.int32))
+            cached = (version, ((active, skip), bool((order == CUBE).any()), permuted))
             rules._sparse_vdit_head_split = cached
         return cached[1]
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rule import SPACE_MAJOR, physical_to_logical
+from .rule import CUBE, FRAME_MAJOR, SPACE_MAJOR, physical_to_logical
 from .tables import KernelTables
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -217,7 +217,8 @@ def _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, kt_hi, desc_k, desc_v, k_row
                       order, cube_map, prefix, F, P, W, N, kv_end, qk_scale, inv_F, inv_P, inv_W,
                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """Online-softmax update over k-tiles [kt_lo, kt_hi) whose K/V rows lie in the head's physical
-    order (frame-major heads: the inputs themselves; space-major heads: their token-order copies),
+    order (frame-major heads: the inputs themselves; space-major and cube-order heads: copies in
+    their order),
     so a tile is BLOCK_N consecutive rows fetched by TMA through 2D descriptors (`*_row`/`*_col`:
     where this head's position 0 is); MASKED applies the rule and kv_len to the tile's logical
     keys. Rows past a head's end belong to the next head or sample (or are zero-filled past the
@@ -332,7 +333,7 @@ def _sparse_attention_fwd(
             acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, split, kt_hi, DESC_K, DESC_V, k_row, k_col,
                                               v_row, v_col, order, CUBE_MAP, prefix, F, P, W, N, kv_end,
                                               qk_scale, inv_F, inv_P, inv_W, BLOCK_N, True, PRECISION)
-        elif USE_TMA and (order == 1) & (n_slots > 0):  # a space-major head's token-order copy [B, slots, L, D]
+        elif USE_TMA and n_slots > 0:  # a space-major or cube-order head's copy in its order [B, slots, L, D]
             s_row = ((b * n_slots + tl.load(SLOT + h)) * L).to(tl.int32)
             acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, split, DESC_KS, DESC_VS, s_row, 0,
                                               s_row, 0, order, CUBE_MAP, prefix, F, P, W, N, kv_end,
@@ -422,19 +423,22 @@ def _row_descriptor(x: torch.Tensor, block_rows: int):
 
 
 @functools.lru_cache(maxsize=16)
-def _space_major_rows(prefix: int, frames: int, height: int, width: int, L: int, device: str) -> torch.Tensor:
-    """int64 [L]: the token (logical) row at each physical position of the space-major order."""
-    return physical_to_logical(torch.arange(L), SPACE_MAJOR, prefix, frames, height, width).to(device)
+def _physical_rows(prefix: int, frames: int, height: int, width: int, L: int, device: str) -> torch.Tensor:
+    """int64 [3, L]: the token (logical) row at each physical position of each order (frame-major,
+    space-major, cube)."""
+    positions = torch.arange(L)
+    return torch.stack([physical_to_logical(positions, o, prefix, frames, height, width)
+                        for o in (FRAME_MAJOR, SPACE_MAJOR, CUBE)]).to(device)
 
 
-def _token_order_copies(kb: torch.Tensor, vb: torch.Tensor, heads: torch.Tensor, geometry: list[int],
-                        block_n: int):
-    """TMA descriptors over copies [B, len(heads), L, D] of these heads' K and V rows in space-major
-    order, so their tiles are consecutive rows like a frame-major head's (one gather of 2·L·D
-    elements per head, ~1% of a dense pass); None when a copy can't get a descriptor."""
-    B, _, L, _ = kb.shape
-    rows = _space_major_rows(*geometry, L, str(kb.device))
-    copies = tuple(_row_descriptor(x[:, heads[:, None], rows[None, :]], block_n) for x in (kb, vb))
+def _physical_order_copies(kb: torch.Tensor, vb: torch.Tensor, heads: torch.Tensor, orders: torch.Tensor,
+                           geometry: list[int], block_n: int):
+    """TMA descriptors over copies [B, len(heads), L, D] of these heads' K and V rows in their own
+    physical order (`orders`: space-major or cube), so their tiles are consecutive rows like a
+    frame-major head's (one gather of 2·L·D elements per head, ~1% of a dense pass); None when a
+    copy can't get a descriptor."""
+    rows = _physical_rows(*geometry, kb.shape[2], str(kb.device))[orders.long()]
+    copies = tuple(_row_descriptor(x[:, heads[:, None], rows], block_n) for x in (kb, vb))
     return None if None in copies else copies
 
 
@@ -444,12 +448,13 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                             kv_len: Optional[torch.Tensor], cube_map: Optional[torch.Tensor],
                             geometry: list[int], block_m: int, block_n: int, layout: str,
                             scale: float, density_bucket: int = 0,
-                            space_major: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+                            permuted: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> None:
     """Write sparse attention into `out` (same layout as q): skip heads zero-filled, active heads
     by the kernel. geometry = [prefix, frames, height, width]; cube_map is needed when a head runs
     in cube order; density_bucket (KernelTables.density_bucket) only keys the autotuning;
-    space_major = KernelTables.space_major_heads() lets those heads load by TMA from copies of
-    their K/V in their own token order; inputs must already be validated."""
+    permuted = (heads, slots, orders) from KernelTables.launch_heads lets space-major and
+    cube-order heads load by TMA from copies of their K/V in their own order; inputs must already
+    be validated."""
     qb, kb, vb, ob = (_bhld(t, layout) for t in (q, k, v, out))
     B, _, L, D = qb.shape
     prefix, frames, height, width = geometry
@@ -467,12 +472,12 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         descs = None if None in descs else descs
     work_bucket = (grid[0] * grid[1]).bit_length()
     has_desc = int(descs is not None)
-    # space-major heads read token-order copies by TMA; without them (or their descriptors) they
-    # gather, and the copy slots carry the K/V descriptors again, unused
+    # space-major and cube-order heads read copies in their order by TMA; without them (or their
+    # descriptors) they gather, and the copy slots carry the K/V descriptors again, unused
     copies = None
-    if descs is not None and space_major is not None and space_major[0].numel():
-        copies = _token_order_copies(kb, vb, space_major[0], geometry, block_n)
-    n_slots, slots = (space_major[0].numel(), space_major[1]) if copies else (0, head_rules)
+    if descs is not None and permuted is not None and permuted[0].numel():
+        copies = _physical_order_copies(kb, vb, permuted[0], permuted[2], geometry, block_n)
+    n_slots, slots = (permuted[0].numel(), permuted[1]) if copies else (0, head_rules)
     args = (qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads,
             kv_len if kv_len is not None else head_rules,
             cube_map if cube_map is not None else head_rules,
@@ -501,31 +506,35 @@ def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_
                         skip_heads: torch.Tensor, kv_len: Optional[torch.Tensor],
                         cube_map: Optional[torch.Tensor], geometry: list[int], block_m: int,
                         block_n: int, layout: str, scale: float, density_bucket: int = 0,
-                        space_heads: Optional[torch.Tensor] = None,
-                        space_slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        permuted_heads: Optional[torch.Tensor] = None,
+                        permuted_slots: Optional[torch.Tensor] = None,
+                        permuted_orders: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Custom-op form of `launch_sparse_attention` returning a new contiguous output."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    space_major = None if space_heads is None or space_slots is None else (space_heads, space_slots)
+    permuted = None
+    if permuted_heads is not None and permuted_slots is not None and permuted_orders is not None:
+        permuted = (permuted_heads, permuted_slots, permuted_orders)
     launch_sparse_attention(q, k, v, out, head_rules, row_ptr, runs, active_heads, skip_heads, kv_len,
-                            cube_map, geometry, block_m, block_n, layout, scale, density_bucket, space_major)
+                            cube_map, geometry, block_m, block_n, layout, scale, density_bucket, permuted)
     return out
 
 
 @sparse_attention_op.register_fake
 def _sparse_attention_fake(q, k, v, head_rules, row_ptr, runs, active_heads, skip_heads, kv_len,
                            cube_map, geometry, block_m, block_n, layout, scale, density_bucket=0,
-                           space_heads=None, space_slots=None):
+                           permuted_heads=None, permuted_slots=None, permuted_orders=None):
     return q.new_empty(q.shape)
 
 
 def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: KernelTables,
                             layout: str, kv_len: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """Sparse attention through the custom op (inputs must already be validated)."""
-    active, skip, space_heads, space_slots = tables.launch_heads()
+    active, skip, permuted_heads, permuted_slots, permuted_orders = tables.launch_heads()
     # checked in eager calls (the check is a host-side bool that torch.compile cannot trace)
     if tables.cube_map is None and not torch.compiler.is_compiling() and tables.uses_cube_order():
         raise ValueError("a head runs in cube order (ORDER 2) but the tables carry no cube_map")
     return torch.ops.sparse_vdit.sparse_attention(
         q, k, v, tables.head_rules, tables.row_ptr, tables.runs, active, skip, kv_len, tables.cube_map,
         [tables.prefix, tables.frames, tables.height, tables.width],
-        tables.block_m, tables.block_n, layout, float(scale), tables.density_bucket, space_heads, space_slots)
+        tables.block_m, tables.block_n, layout, float(scale), tables.density_bucket,
+        permuted_heads, permuted_slots, permuted_orders)

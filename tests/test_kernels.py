@@ -461,18 +461,21 @@ def test_tma_row_descriptors_cover_every_layout_or_decline():
 
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
 def test_tma_and_gathered_loads_agree_on_strided_views(layout, monkeypatch):
-    # frame-major heads (dense, band, stripes) with full tiles take the TMA path, and so do the
-    # space-major heads through copies of their K/V in their own order (two heads: two slots); a
-    # misaligned view or SPARSE_VDIT_TMA=0 takes the gathered path: all must equal the float64 answer
+    # frame-major heads (dense, band, stripes) take the TMA path, and so do space-major and
+    # cube-order heads through copies of their K/V in their own order (three heads: three slots,
+    # two orders); a misaligned view or SPARSE_VDIT_TMA=0 takes the gathered path: all must equal
+    # the float64 answer
     from sparse_vdit.kernels import triton_attention as TA
 
     copies = []
-    make_copies = TA._token_order_copies
-    monkeypatch.setattr(TA, "_token_order_copies", lambda *a: copies.append(a[2].tolist()) or make_copies(*a))
+    make_copies = TA._physical_order_copies
+    monkeypatch.setattr(TA, "_physical_order_copies",
+                        lambda *a: copies.append((a[2].tolist(), a[3].tolist())) or make_copies(*a))
     prefix, F, H, W, suffix, D, bm, bn = 5, 3, 4, 6, 7, 64, 16, 16
     L = prefix + F * H * W + suffix
     rules = [make_rule(diag=L), make_rule(order=R.SPACE_MAJOR, md=(1, 0), stripe=4), make_rule(diag=30),
-             make_rule(order=R.SPACE_MAJOR, md=(2, 1)), make_rule(stripe=3, cols=[(10, 40)])]
+             make_rule(order=R.CUBE, win=(1, 1, 2), cols=[(20, 30)]), make_rule(order=R.SPACE_MAJOR, md=(2, 1)),
+             make_rule(stripe=3, cols=[(10, 40)])]
     tables = tables_from_rules(rules, prefix, F, H, W, L, bm, bn)
     assert tables.runs[:, 2].any()  # there are full tiles to fetch by TMA
     nh = len(rules)
@@ -487,7 +490,7 @@ def test_tma_and_gathered_loads_agree_on_strided_views(layout, monkeypatch):
         monkeypatch.setenv("SPARSE_VDIT_TMA", tma)
         out = sparse_attention(q, k, v, tables, kv_len=kv_len, layout=layout)
         assert rel_err(bhld(out), want) <= 1e-5, tma
-    assert copies == [[1, 3]]  # made once, with descriptors only
+    assert copies == [([1, 3, 4], [1, 2, 1])]  # made once, with descriptors only
     odd = torch.randn(fused.numel() + 1)[1:].view_as(fused)
     odd.copy_(fused)
     q2, k2, v2 = (c.reshape(2, L, nh, D) for c in odd.chunk(3, dim=-1))
