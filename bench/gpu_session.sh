@@ -2,7 +2,7 @@
 # One lent-H200 call that refreshes the benchmarks not yet measured (BENCHMARKS.md, "Next GPU
 # session"), each step time-boxed so a slow one cannot eat the others; logs and tables under $OUT.
 # Run from the repository root with the diffusers wheel in .whl/ (carry .whl):
-#   bash bench/gpu_session.sh [attention tma e2e search quality parity]
+#   bash bench/gpu_session.sh [attention engine tma e2e search quality parity]
 set -uo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -13,6 +13,10 @@ steps=("${@:-attention e2e search quality}")
 for step in ${steps[*]}; do
   case $step in
     attention) timeout 150 python3 -m sparse_vdit.bench.attention --quick --out "$OUT" ;;
+    engine)    # GPU kernel tests, then every family at the two shapes with all dense baselines (~500 s)
+               timeout 200 python3 -m pytest -q tests/gpu
+               timeout "${ENGINE_SECONDS:-300}" python3 -m sparse_vdit.bench.attention --shapes cogvideox,wan14b \
+                 --densities 0.1,0.3,0.5 --baselines cudnn,flash,sage --flex-shapes wan14b --out "$OUT/engine" ;;
     tma)       # autotuned load path (TMA or gathered, the default) vs gathered loads only (SPARSE_VDIT_TMA=0)
                for tma in 1 0; do
                  SPARSE_VDIT_TMA=$tma timeout 200 python3 -m sparse_vdit.bench.attention --shapes wan14b,cogvideox \
@@ -28,7 +32,7 @@ for step in ${steps[*]}; do
                PYTHONPATH=$PYTHONPATH:$PWD/.comfy/ComfyUI COMFYUI_ROOT=$PWD/.comfy/ComfyUI timeout "${PARITY_SECONDS:-280}" \
                  python3 -m sparse_vdit.bench.comfyui_parity --model wan13b --repeats 5 --warmup 2 \
                  --budget "${PARITY_BUDGET:-170}" --out "$OUT/comfyui_parity.md" ;;
-    *) echo "unknown step $step (attention tma e2e search quality parity)"; exit 2 ;;
+    *) echo "unknown step $step (attention engine tma e2e search quality parity)"; exit 2 ;;
   esac 2>&1 | tee "$OUT/$step.log" | grep -E "^\||rror" || true
 done
 # at most 8 files come back: everything goes home as one archive
