@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.gpu,
 
 
 def _layer_rules(F, H, W):
-    """One head of every kind: band, spatial band (space-major), 3D window, stripes, dense, skip."""
+    """One head of every kind: band, spatial band (space-major), 3D windows (space-major and cube
+    order), stripes, dense, skip."""
     P, N = H * W, F * H * W
     return [
         R.make_rule(diag=P // 2 + 37),
@@ -25,6 +26,7 @@ def _layer_rules(F, H, W):
         R.make_rule(diag=N),
         R.make_rule(order=R.SKIP_HEAD),
         R.make_rule(order=1, diag=P, md=(50, 1), win=(0, 3, 3), stripe=100),
+        R.make_rule(order=R.CUBE, win=(1, H // 4, W // 5), stripe=P // 3),
     ]
 
 
