@@ -1,10 +1,13 @@
 """One Triton forward kernel for all sparse heads of a layer, driven by KernelTables.
 
-Grid: (q-tiles, batch x active heads). A program reads its head's rule row, walks the k-tile runs
-of its q-tile, loads K/V rows through the head's physical->logical map (rows stay contiguous, so
-loads stay vectorised), evaluates the exact rule only on partial tiles (or tiles crossing kv_len /
-the sequence end), and keeps an online softmax in base 2. Skip heads are never launched; their
-output slice is zero-filled. Registered as the custom op `torch.ops.sparse_vdit.sparse_attention`.
+Grid: (q-tiles, batch x active heads). A program reads its head's rule row and walks the k-tile
+runs of its q-tile. K/V tiles come by TMA where the launch has descriptors (Hopper+): straight from
+the inputs for frame-major heads, from a per-call copy in their own physical order for space-major
+and cube-order heads; otherwise rows are gathered through the head's physical->logical map. The
+exact rule is evaluated only on partial tiles (or tiles crossing kv_len / the sequence end), as
+packed box tests written straight into the scores, and an online softmax runs in base 2. Skip heads
+are never launched; their output slice is zero-filled. Registered as the custom op
+`torch.ops.sparse_vdit.sparse_attention`.
 """
 
 from __future__ import annotations
