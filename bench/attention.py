@@ -14,6 +14,8 @@ Flex (a few minutes of GPU time). Each sparse row's note names the head orders t
 sm, cube) and the full / partial tile counts.
 
 Prints a markdown table last and writes it (and the rows as JSON) to --out (default $OUT or .).
+Every row is also logged as it is measured (attention_log.txt); `--table-from LOG` prints the table
+of a run a timeout cut before its end.
 """
 
 from __future__ import annotations
@@ -296,6 +298,18 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
     torch.cuda.empty_cache()
 
 
+def rows_from_log(path: str) -> list:
+    """The benchmark rows an attention_log.txt holds (one JSON object per line; other lines skipped)."""
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            if line.startswith("{"):
+                row = json.loads(line)
+                if "variant" in row:
+                    rows.append(row)
+    return rows
+
+
 def markdown(rows: list) -> str:
     dense = {}
     for r in rows:
@@ -332,7 +346,13 @@ def main(argv=None) -> None:
                     "runs only with all of them)")
     ap.add_argument("--quick", action="store_true",
                     help="wan13b,cogvideox; local_window at 0.1,0.3; cuDNN baseline; no Flex")
+    ap.add_argument("--table-from", metavar="LOG",
+                    help="print the table of the rows in an attention_log.txt (a run cut by a timeout "
+                         "prints none) and exit; needs no GPU")
     args = ap.parse_args(argv)
+    if args.table_from:
+        print(markdown(rows_from_log(args.table_from)))
+        return
     if args.quick:
         args.shapes, args.densities, args.families = "wan13b,cogvideox", "0.1,0.3", "local_window"
         args.baselines, args.flex_shapes = "cudnn", ""

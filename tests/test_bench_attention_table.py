@@ -1,0 +1,22 @@
+"""bench/attention.py --table-from: the table of a run cut by a timeout, rebuilt from its log."""
+
+import json
+
+from sparse_vdit.bench import attention
+
+
+def test_table_from_a_log_keeps_every_row_and_skips_other_lines(tmp_path, capsys):
+    rows = [dict(shape="S", L=10, H=2, D=64, variant="cuDNN SDPA", ms=10.0, token_density=1.0, tile_density=1.0,
+                 flex_ms=None, err=None, note="", efficiency=None, tflops=500.0),
+            dict(shape="S", L=10, H=2, D=64, variant="diagonal 0.1 128x64", ms=2.0, token_density=0.1,
+                 tile_density=0.11, flex_ms=3.0, err=2e-3, note="plan 1 ms", efficiency=0.5, tflops=250.0)]
+    log = tmp_path / "attention_log.txt"
+    log.write_text("2026-11-29 15:32:43 NVIDIA H200 torch 2.11 triton 3.6\n"
+                   + "".join(json.dumps(r) + "\n" for r in rows) + "Traceback (most recent call last):\n")
+    assert attention.rows_from_log(str(log)) == rows
+    attention.main(["--table-from", str(log)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| S |")]
+    assert len(lines) == 2
+    cells = [c.strip() for c in lines[1].split("|")[1:-1]]
+    assert cells[1] == "diagonal 0.1 128x64" and cells[4] == "2.00" and cells[7] == "5.00"  # 10 ms / 2 ms
+    assert cells[9] == "1.50"  # Flex / ours
