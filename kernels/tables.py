@@ -66,24 +66,22 @@ class KernelTables:
     def device(self) -> torch.device:
         return self.head_rules.device
 
-    def head_split(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(active head indices int32, skip head indices int64) on the tables' device."""
-        return self._head_info()[0]
-
     def uses_cube_order(self) -> bool:
         """Whether some head runs in cube order (ORDER 2) and so needs `cube_map`."""
         return self._head_info()[1]
 
     def launch_heads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(active heads, skip heads, permuted heads, each head's slot among them int32 [H] (-1 for
-        the others), the permuted heads' orders int32) on the tables' device, from one cached host read.
-        Permuted heads (space-major or cube order) get K/V copies in their own physical order."""
+        """(active heads int32, skip heads int64, permuted heads int64, each head's slot among them
+        int32 [H] (-1 for the others), the permuted heads' orders int32) on the tables' device, from
+        one cached host read. Permuted heads (space-major or cube order) get K/V copies in their own
+        physical order."""
         (active, skip), _, permuted = self._head_info()
         return (active, skip) + permuted
 
     def _head_info(self):
-        """((active, skip), any cube-order head), computed once per head_rules tensor (one host
-        sync) and cached on that tensor, so tables rebuilt around the same head_rules reuse it."""
+        """((active, skip), any cube-order head, (permuted heads, slots, orders)), computed once per
+        head_rules tensor (one host sync) and cached on that tensor, so tables rebuilt around the
+        same head_rules reuse it."""
         rules = self.head_rules
         try:
             version = rules._version

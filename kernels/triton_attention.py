@@ -221,8 +221,7 @@ def _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, kt_hi, desc_k, desc_v, k_row
                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """Online-softmax update over k-tiles [kt_lo, kt_hi) whose K/V rows lie in the head's physical
     order (frame-major heads: the inputs themselves; space-major and cube-order heads: copies in
-    their order),
-    so a tile is BLOCK_N consecutive rows fetched by TMA through 2D descriptors (`*_row`/`*_col`:
+    their order), so a tile is BLOCK_N consecutive rows fetched by TMA through 2D descriptors (`*_row`/`*_col`:
     where this head's position 0 is); MASKED applies the rule and kv_len to the tile's logical
     keys. Rows past a head's end belong to the next head or sample (or are zero-filled past the
     tensor): they are finite and always masked (dead keys)."""
@@ -235,6 +234,32 @@ def _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, kt_hi, desc_k, desc_v, k_row
         v = desc_v.load([v_row + kt * BLOCK_N, v_col])
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_run(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, k_base, v_base, stride_kl, stride_vl, order,
+                cube_map, prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One run of k-tiles with gathered loads: [kt_lo, split) without the rule, [split, kt_hi) with it."""
+    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, box, kt_lo, split, k_base, v_base, stride_kl, stride_vl,
+                                  order, cube_map, prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
+                                  HEAD_DIM, BLOCK_N, False, PRECISION)
+    return _attend_tiles(acc, m_i, l_i, q, box, split, kt_hi, k_base, v_base, stride_kl, stride_vl,
+                         order, cube_map, prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
+                         HEAD_DIM, BLOCK_N, True, PRECISION)
+
+
+@triton.jit
+def _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, desc_k, desc_v, k_row, k_col, v_row, v_col,
+                    order, cube_map, prefix, F, P, W, N, kv_end, qk_scale, inv_F, inv_P, inv_W,
+                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One run of k-tiles loaded by TMA: [kt_lo, split) without the rule, [split, kt_hi) with it."""
+    acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, split, desc_k, desc_v, k_row, k_col,
+                                      v_row, v_col, order, cube_map, prefix, F, P, W, N, kv_end, qk_scale,
+                                      inv_F, inv_P, inv_W, BLOCK_N, False, PRECISION)
+    return _attend_tiles_tma(acc, m_i, l_i, q, box, split, kt_hi, desc_k, desc_v, k_row, k_col,
+                             v_row, v_col, order, cube_map, prefix, F, P, W, N, kv_end, qk_scale,
+                             inv_F, inv_P, inv_W, BLOCK_N, True, PRECISION)
 
 
 # work_bucket (bit length of the program count), density_bucket (the layer's visited-tile density,
@@ -330,29 +355,18 @@ def _sparse_attention_fwd(
         # full tiles before the cut need no mask; partial tiles and the rest do
         split = tl.where(full != 0, tl.maximum(kt_lo, tl.minimum(kt_hi, first_cut_tile)), kt_lo)
         if USE_TMA and order == 0:  # USE_TMA is compile-time: without descriptors only gathered loads exist
-            acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, split, DESC_K, DESC_V, k_row, k_col,
-                                              v_row, v_col, order, CUBE_MAP, prefix, F, P, W, N, kv_end,
-                                              qk_scale, inv_F, inv_P, inv_W, BLOCK_N, False, PRECISION)
-            acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, split, kt_hi, DESC_K, DESC_V, k_row, k_col,
-                                              v_row, v_col, order, CUBE_MAP, prefix, F, P, W, N, kv_end,
-                                              qk_scale, inv_F, inv_P, inv_W, BLOCK_N, True, PRECISION)
+            acc, m_i, l_i = _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, DESC_K, DESC_V,
+                                            k_row, k_col, v_row, v_col, order, CUBE_MAP, prefix, F, P, W, N,
+                                            kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_N, PRECISION)
         elif USE_TMA and n_slots > 0:  # a space-major or cube-order head's copy in its order [B, slots, L, D]
             s_row = ((b * n_slots + tl.load(SLOT + h)) * L).to(tl.int32)
-            acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, split, DESC_KS, DESC_VS, s_row, 0,
-                                              s_row, 0, order, CUBE_MAP, prefix, F, P, W, N, kv_end,
-                                              qk_scale, inv_F, inv_P, inv_W, BLOCK_N, False, PRECISION)
-            acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, split, kt_hi, DESC_KS, DESC_VS, s_row, 0,
-                                              s_row, 0, order, CUBE_MAP, prefix, F, P, W, N, kv_end,
-                                              qk_scale, inv_F, inv_P, inv_W, BLOCK_N, True, PRECISION)
+            acc, m_i, l_i = _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, DESC_KS, DESC_VS,
+                                            s_row, 0, s_row, 0, order, CUBE_MAP, prefix, F, P, W, N,
+                                            kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_N, PRECISION)
         else:
-            acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, box, kt_lo, split, k_base, v_base,
-                                          stride_kl, stride_vl, order, CUBE_MAP, prefix, F, P, W, N, L,
-                                          kv_end, qk_scale, inv_F, inv_P, inv_W,
-                                          HEAD_DIM, BLOCK_N, False, PRECISION)
-            acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, box, split, kt_hi, k_base, v_base,
-                                          stride_kl, stride_vl, order, CUBE_MAP, prefix, F, P, W, N, L,
-                                          kv_end, qk_scale, inv_F, inv_P, inv_W,
-                                          HEAD_DIM, BLOCK_N, True, PRECISION)
+            acc, m_i, l_i = _attend_run(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, k_base, v_base,
+                                        stride_kl, stride_vl, order, CUBE_MAP, prefix, F, P, W, N, L,
+                                        kv_end, qk_scale, inv_F, inv_P, inv_W, HEAD_DIM, BLOCK_N, PRECISION)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -438,7 +452,7 @@ def _physical_order_copies(kb: torch.Tensor, vb: torch.Tensor, heads: torch.Tens
                            geometry: list[int], block_n: int):
     """TMA descriptors over copies [B, len(heads), L, D] of these heads' K and V rows in their own
     physical order (`orders`: space-major or cube), so their tiles are consecutive rows like a
-    frame-major head's (one gather of 2·L·D elements per head, ~1% of a dense pass); None when a
+    frame-major head's (one memory-bound gather of 2·L·D elements per head, not timed apart); None when a
     copy can't get a descriptor."""
     rows = _physical_rows(*geometry, kb.shape[2], str(kb.device))[orders.long()]
     copies = tuple(_row_descriptor(x[:, heads[:, None], rows], block_n) for x in (kb, vb))

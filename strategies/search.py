@@ -416,13 +416,10 @@ def candidate_errors(q, k, v, rows, masks, *, layout: str, kv_len=None, skip=Non
     B, H, L, D = k.shape
     R, C, dev = rows.numel(), cm.candidates, q.device
     scale = 1.0 / math.sqrt(q.shape[-1])
-    s = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)).mul_(scale)  # [B, H, R, L]
+    s = _row_scores(q, k, rows, kv_len, scale)                       # [B, H, R, L]
     row_ok = torch.ones(B, 1, R, dtype=torch.bool, device=dev)
-    if kv_len is not None:  # padded keys are masked; padded query rows do not count
-        lens = torch.as_tensor(kv_len, device=dev).view(B, 1)
-        valid = torch.arange(L, device=dev).view(1, L) < lens
-        s.masked_fill_(~valid[:, None, None, :], float("-inf"))
-        row_ok = (rows.view(1, -1) < lens).view(B, 1, R)
+    if kv_len is not None:  # padded query rows do not count
+        row_ok = (rows.view(1, -1) < torch.as_tensor(kv_len, device=dev).view(B, 1)).view(B, 1, R)
     row_ok = row_ok.expand(B, H, R).reshape(B * H, R)
     p = s.sub_(s.amax(-1, keepdim=True)).exp_().view(B * H, R, L)  # in place: s is not kept
     total = p.sum(-1)                                                # [BH, R], >= 1 on valid rows
@@ -472,6 +469,16 @@ def candidate_errors(q, k, v, rows, masks, *, layout: str, kv_len=None, skip=Non
     return num, ref.pow(2).sum().double()
 
 
+def _row_scores(q, k, rows, kv_len, scale) -> torch.Tensor:
+    """float32 scores [B, H, R, L] of the sampled query rows (bhld), keys past kv_len at -inf."""
+    s = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)).mul_(scale)
+    if kv_len is not None:
+        L = k.shape[2]
+        valid = torch.arange(L, device=s.device).view(1, L) < torch.as_tensor(kv_len, device=s.device).view(-1, 1)
+        s.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    return s
+
+
 def _long_bmm(a: torch.Tensor, b: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     """``a [N, M, K] @ b [N, K, P]`` for a long K and a small M x P output. On a GPU, K is cut into
     ``splits`` slices that run as one batch and are summed (a split-K: as one product per batch
@@ -495,11 +502,7 @@ def _exact_rows(q, k, v, rows, cm: CandidateMasks, kv_len, ref, err, lost, scale
     """Errors of the rows ``lost`` [BH, C', R] flags (all their masked keys underflowed against the
     row max) from the exact masked softmax, one candidate at a time (a rare path)."""
     B, H, L, D = k.shape
-    s = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)) * scale
-    if kv_len is not None:
-        lens = torch.as_tensor(kv_len, device=s.device).view(B, 1)
-        s = s.masked_fill(~(torch.arange(L, device=s.device).view(1, L) < lens)[:, None, None, :], float("-inf"))
-    s = s.reshape(B * H, -1, L)
+    s = _row_scores(q, k, rows, kv_len, scale).reshape(B * H, -1, L)
     vf = v.float().reshape(B * H, L, D)
     err = err.clone()
     for i in lost.any(2).any(0).nonzero().flatten().tolist():

@@ -219,7 +219,7 @@ def test_kernel_and_reference_match_float64(case):
     want = float64_attention(q, k, v, rules, (prefix, F, H, W), layout, kv_len, scale)
 
     out = torch.full(shape, float("nan"))
-    active, skip = tables.head_split()
+    active, skip = tables.launch_heads()[:2]
     launch_sparse_attention(q, k, v, out, tables.head_rules, tables.row_ptr, tables.runs, active, skip,
                             kv_len, tables.cube_map, [prefix, F, H, W], bm, bn, layout, scale)
     assert not out.isnan().any(), "kernel left output unwritten"
@@ -402,7 +402,7 @@ def test_custom_op_traces_without_graph_break():
 
     with FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
-        active, skip = tables.head_split()
+        active, skip = tables.launch_heads()[:2]
         out = torch.ops.sparse_vdit.sparse_attention(
             fq, fk, fv, *(mode.from_tensor(t) for t in (tables.head_rules, tables.row_ptr, tables.runs,
                                                          active, skip)),
