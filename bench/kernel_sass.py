@@ -8,8 +8,8 @@ with Triton) disassembles it. Every backward branch closes a loop. A loop with t
 instructions (HGMMA / HMMA) is a k-tile loop, and its length is the static instruction count one
 warp issues per k-tile. Per loop the table gives TMA loads (UTMALDG), other global loads
 (LDG / LDGSTS), score selects (FSEL: masked loops), spills (LDL / STL) and the most frequent
-opcodes. Branches inside a loop (head kinds, token orders) all count here; a head runs only its
-own. Registers and stack: `cuobjdump -res-usage`. Run without TRITON_INTERPRET.
+opcodes. Branches inside a loop (full or masked tile, head kinds, token orders) all count here;
+a tile runs only its own. Registers and stack: `cuobjdump -res-usage`. Run without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ def kernel_loops(sass: str) -> list[list[str]]:
         branch = _BRANCH.search(instruction)
         start = labels.get(branch.group(1), end + 1) if branch else end + 1
         body = instructions[start:end + 1]
-        if start <= end and any(_opcode(i) in ("HGMMA", "HMMA") for i in body):
+        # a span holding EXIT is no loop: an out-of-line block after the exit branching back into one
+        if (start <= end and any(_opcode(i) in ("HGMMA", "HMMA") for i in body)
+                and not any(_opcode(i) == "EXIT" for i in body)):
             loops.append(body)
     return _innermost(loops)
 

@@ -1,13 +1,14 @@
 """One Triton forward kernel for all sparse heads of a layer, driven by KernelTables.
 
 Grid: (q-tiles, batch x active heads). A program reads its head's rule row and walks the k-tile
-runs of its q-tile. K/V tiles come by TMA where the launch has descriptors (Hopper+): straight from
-the inputs for frame-major heads, from a per-call copy in their own physical order for space-major
-and cube-order heads; otherwise rows are gathered through the head's physical->logical map. The
-exact rule is evaluated only on partial tiles (or tiles crossing kv_len / the sequence end), as
-packed box tests written straight into the scores, and an online softmax runs in base 2. Skip heads
-are never launched; their output slice is zero-filled. Registered as the custom op
-`torch.ops.sparse_vdit.sparse_attention`.
+runs of its q-tile in one software-pipelined loop (full and partial tiles alike, so the TMA
+pipeline never drains between runs). K/V tiles come by TMA where the launch has descriptors
+(Hopper+): straight from the inputs for frame-major heads, from a per-call copy in their own
+physical order for space-major and cube-order heads; otherwise rows are gathered through the
+head's physical->logical map. The exact rule is evaluated only on partial tiles (or tiles crossing
+kv_len / the sequence end), as packed box tests written into a 0 / -inf bias tile that the QKᵀ MMA
+accumulates onto, and an online softmax runs in base 2. Skip heads are never launched; their
+output slice is zero-filled. Registered as the custom op `torch.ops.sparse_vdit.sparse_attention`.
 """
 
 from __future__ import annotations
@@ -151,8 +152,8 @@ def _stripe_keys(rule, gk):
 
 @triton.jit
 def _masked_scores(s, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end):
-    """One tile's scores with the exact rule of kernels/rule.py applied (-inf where a pair is not
-    attended): always-attended keys (non-grid, stripes) first, then the OR of the head's enabled
+    """`s` with the exact rule of kernels/rule.py applied (-inf where a pair is not attended; on a
+    zero tile: the bias tile a masked k-tile's MMA accumulates onto): always-attended keys (non-grid, stripes) first, then the OR of the head's enabled
     boxes (diagonal over g, multi-diagonal over (f, s), window over (f, y, x)), each written
     straight into the scores so no boolean tile lives across branches. `box` holds the head's
     per-q-tile query codes and scalars (see the kernel's prologue); key coordinates are derived
@@ -194,72 +195,80 @@ def _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION: tl.constexpr)
 
 
 @triton.jit
-def _attend_tiles(acc, m_i, l_i, q, box, kt_lo, kt_hi, k_base, v_base, stride_kl, stride_vl, order, cube_map,
-                  prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W, HEAD_DIM: tl.constexpr,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update over k-tiles [kt_lo, kt_hi) with K/V rows gathered through the head's
-    physical->logical map; MASKED applies the rule (`box`, see `_masked_scores`) and kv_len."""
+def _first_run(RUNS, run_lo, run_hi):
+    """(tiles in runs [run_lo, run_hi), first run's start, end, full flag); zeros without runs."""
+    n = 0
+    for r in range(run_lo, run_hi):
+        n += tl.load(RUNS + 3 * r + 1) - tl.load(RUNS + 3 * r)
+    some = run_hi > run_lo
+    return (n, tl.load(RUNS + 3 * run_lo, mask=some, other=0), tl.load(RUNS + 3 * run_lo + 1, mask=some, other=0),
+            tl.load(RUNS + 3 * run_lo + 2, mask=some, other=0))
+
+
+@triton.jit
+def _next_tile(RUNS, r, kt, hi, full, run_hi):
+    """Step (run, k-tile, run end, full flag) to the next tile of a q-tile's runs (branch-free, so
+    the loop's TMA loads stay software-pipelined)."""
+    kt += 1
+    step = kt == hi
+    r = tl.where(step, r + 1, r)
+    some = step & (r < run_hi)
+    kt = tl.where(step, tl.load(RUNS + 3 * r, mask=some, other=0), kt)
+    hi = tl.where(step, tl.load(RUNS + 3 * r + 1, mask=some, other=0), hi)
+    full = tl.where(step, tl.load(RUNS + 3 * r + 2, mask=some, other=0), full)
+    return r, kt, hi, full
+
+
+@triton.jit
+def _attend_runs(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile, k_base, v_base, stride_kl,
+                 stride_vl, order, cube_map, prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax update over every k-tile of runs [run_lo, run_hi) in one loop, K/V rows
+    gathered through the head's physical->logical map; partial tiles and tiles from
+    `first_cut_tile` on get the rule (`box`, see `_masked_scores`) and kv_len."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for kt in range(kt_lo, kt_hi):
+    n, kt, hi, full = _first_run(RUNS, run_lo, run_hi)
+    r = run_lo
+    for _ in range(0, n):
         offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
         lk = _to_logical(offs_n, order, prefix, F, P, N, inv_F, cube_map)
         k_valid = offs_n < L
         k = tl.load(k_base + lk.to(tl.int64)[:, None] * stride_kl + offs_d[None, :],
                     mask=k_valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if MASKED:
-            s = _masked_scores(s, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end)
+        bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if (full == 0) | (kt >= first_cut_tile):
+            bias = _masked_scores(bias, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end)
+        s = tl.dot(q, tl.trans(k), bias, input_precision=PRECISION)
         v = tl.load(v_base + lk.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
                     mask=k_valid[:, None], other=0.0)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION)
+        r, kt, hi, full = _next_tile(RUNS, r, kt, hi, full, run_hi)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, kt_hi, desc_k, desc_v, k_row, k_col, v_row, v_col,
-                      order, cube_map, prefix, F, P, W, N, kv_end, qk_scale, inv_F, inv_P, inv_W,
-                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update over k-tiles [kt_lo, kt_hi) whose K/V rows lie in the head's physical
-    order (frame-major heads: the inputs themselves; space-major and cube-order heads: copies in
-    their order), so a tile is BLOCK_N consecutive rows fetched by TMA through 2D descriptors (`*_row`/`*_col`:
-    where this head's position 0 is); MASKED applies the rule and kv_len to the tile's logical
-    keys. Rows past a head's end belong to the next head or sample (or are zero-filled past the
-    tensor): they are finite and always masked (dead keys)."""
-    for kt in range(kt_lo, kt_hi):
-        k = desc_k.load([k_row + kt * BLOCK_N, k_col])
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if MASKED:
+def _attend_runs_tma(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile, desc_k, desc_v, k_row, k_col,
+                     v_row, v_col, order, cube_map, prefix, F, P, W, N, kv_end, qk_scale, inv_F, inv_P, inv_W,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """`_attend_runs` for K/V rows that lie in the head's physical order (frame-major heads: the
+    inputs themselves; space-major and cube-order heads: copies in their order), so a tile is
+    BLOCK_N consecutive rows fetched by TMA through 2D descriptors (`*_row`/`*_col`: where this
+    head's position 0 is). One loop over all runs keeps the TMA pipeline full from the first tile
+    to the last. Rows past a head's end belong to the next head or sample (or are zero-filled past
+    the tensor): they are finite and always masked (dead keys)."""
+    n, kt, hi, full = _first_run(RUNS, run_lo, run_hi)
+    r = run_lo
+    for _ in range(0, n):
+        bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if (full == 0) | (kt >= first_cut_tile):
             lk = _to_logical(kt * BLOCK_N + tl.arange(0, BLOCK_N), order, prefix, F, P, N, inv_F, cube_map)
-            s = _masked_scores(s, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end)
+            bias = _masked_scores(bias, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end)
+        k = desc_k.load([k_row + kt * BLOCK_N, k_col])
+        s = tl.dot(q, tl.trans(k), bias, input_precision=PRECISION)
         v = desc_v.load([v_row + kt * BLOCK_N, v_col])
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION)
+        r, kt, hi, full = _next_tile(RUNS, r, kt, hi, full, run_hi)
     return acc, m_i, l_i
-
-
-@triton.jit
-def _attend_run(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, k_base, v_base, stride_kl, stride_vl, order,
-                cube_map, prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
-                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """One run of k-tiles with gathered loads: [kt_lo, split) without the rule, [split, kt_hi) with it."""
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, box, kt_lo, split, k_base, v_base, stride_kl, stride_vl,
-                                  order, cube_map, prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
-                                  HEAD_DIM, BLOCK_N, False, PRECISION)
-    return _attend_tiles(acc, m_i, l_i, q, box, split, kt_hi, k_base, v_base, stride_kl, stride_vl,
-                         order, cube_map, prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
-                         HEAD_DIM, BLOCK_N, True, PRECISION)
-
-
-@triton.jit
-def _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, desc_k, desc_v, k_row, k_col, v_row, v_col,
-                    order, cube_map, prefix, F, P, W, N, kv_end, qk_scale, inv_F, inv_P, inv_W,
-                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """One run of k-tiles loaded by TMA: [kt_lo, split) without the rule, [split, kt_hi) with it."""
-    acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, split, desc_k, desc_v, k_row, k_col,
-                                      v_row, v_col, order, cube_map, prefix, F, P, W, N, kv_end, qk_scale,
-                                      inv_F, inv_P, inv_W, BLOCK_N, False, PRECISION)
-    return _attend_tiles_tma(acc, m_i, l_i, q, box, split, kt_hi, desc_k, desc_v, k_row, k_col,
-                             v_row, v_col, order, cube_map, prefix, F, P, W, N, kv_end, qk_scale,
-                             inv_F, inv_P, inv_W, BLOCK_N, True, PRECISION)
 
 
 # work_bucket (bit length of the program count), density_bucket (the layer's visited-tile density,
@@ -348,25 +357,19 @@ def _sparse_attention_fwd(
 
     run_lo = tl.load(ROW_PTR + row_base + pid_m)
     run_hi = tl.load(ROW_PTR + row_base + pid_m + 1)
-    for r in range(run_lo, run_hi):
-        kt_lo = tl.load(RUNS + 3 * r)
-        kt_hi = tl.load(RUNS + 3 * r + 1)
-        full = tl.load(RUNS + 3 * r + 2)
-        # full tiles before the cut need no mask; partial tiles and the rest do
-        split = tl.where(full != 0, tl.maximum(kt_lo, tl.minimum(kt_hi, first_cut_tile)), kt_lo)
-        if USE_TMA and order == 0:  # USE_TMA is compile-time: without descriptors only gathered loads exist
-            acc, m_i, l_i = _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, DESC_K, DESC_V,
-                                            k_row, k_col, v_row, v_col, order, CUBE_MAP, prefix, F, P, W, N,
-                                            kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_N, PRECISION)
-        elif USE_TMA and n_slots > 0:  # a space-major or cube-order head's copy in its order [B, slots, L, D]
-            s_row = ((b * n_slots + tl.load(SLOT + h)) * L).to(tl.int32)
-            acc, m_i, l_i = _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, DESC_KS, DESC_VS,
-                                            s_row, 0, s_row, 0, order, CUBE_MAP, prefix, F, P, W, N,
-                                            kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_N, PRECISION)
-        else:
-            acc, m_i, l_i = _attend_run(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, k_base, v_base,
-                                        stride_kl, stride_vl, order, CUBE_MAP, prefix, F, P, W, N, L,
-                                        kv_end, qk_scale, inv_F, inv_P, inv_W, HEAD_DIM, BLOCK_N, PRECISION)
+    if USE_TMA and order == 0:  # USE_TMA is compile-time: without descriptors only gathered loads exist
+        acc, m_i, l_i = _attend_runs_tma(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile, DESC_K, DESC_V,
+                                         k_row, k_col, v_row, v_col, order, CUBE_MAP, prefix, F, P, W, N,
+                                         kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_M, BLOCK_N, PRECISION)
+    elif USE_TMA and n_slots > 0:  # a space-major or cube-order head's copy in its order [B, slots, L, D]
+        s_row = ((b * n_slots + tl.load(SLOT + h)) * L).to(tl.int32)
+        acc, m_i, l_i = _attend_runs_tma(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile, DESC_KS,
+                                         DESC_VS, s_row, 0, s_row, 0, order, CUBE_MAP, prefix, F, P, W, N,
+                                         kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_M, BLOCK_N, PRECISION)
+    else:
+        acc, m_i, l_i = _attend_runs(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile, k_base, v_base,
+                                     stride_kl, stride_vl, order, CUBE_MAP, prefix, F, P, W, N, L,
+                                     kv_end, qk_scale, inv_F, inv_P, inv_W, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
