@@ -139,14 +139,22 @@ def _query_codes(code, radius, guard, q_grid):
 
 
 @triton.jit
-def _stripe_keys(rule, gk):
-    """Keys a head's vertical stripes make global: the first `rule[8]` grid tokens and up to three
-    grid ranges."""
-    n_cols = tl.load(rule + 9)
-    hit = gk < tl.load(rule + 8)
-    hit = hit | ((n_cols > 0) & (gk >= tl.load(rule + 10)) & (gk < tl.load(rule + 11)))
-    hit = hit | ((n_cols > 1) & (gk >= tl.load(rule + 12)) & (gk < tl.load(rule + 13)))
-    hit = hit | ((n_cols > 2) & (gk >= tl.load(rule + 14)) & (gk < tl.load(rule + 15)))
+def _stripe_bounds(rule):
+    """A head's vertical stripes as scalars, read once per program: (first grid tokens, number of
+    column ranges, then three (start, end) grid ranges)."""
+    return (tl.load(rule + 8), tl.load(rule + 9), tl.load(rule + 10), tl.load(rule + 11), tl.load(rule + 12),
+            tl.load(rule + 13), tl.load(rule + 14), tl.load(rule + 15))
+
+
+@triton.jit
+def _stripe_keys(stripes, gk):
+    """Keys a head's vertical stripes make global: the first `stripes[0]` grid tokens and up to
+    three grid ranges (`_stripe_bounds`)."""
+    first, n_cols, a0, b0, a1, b1, a2, b2 = stripes
+    hit = gk < first
+    hit = hit | ((n_cols > 0) & (gk >= a0) & (gk < b0))
+    hit = hit | ((n_cols > 1) & (gk >= a1) & (gk < b1))
+    hit = hit | ((n_cols > 2) & (gk >= a2) & (gk < b2))
     return hit
 
 
@@ -158,13 +166,13 @@ def _masked_scores(s, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end):
     straight into the scores so no boolean tile lives across branches. `box` holds the head's
     per-q-tile query codes and scalars (see the kernel's prologue); key coordinates are derived
     only for the enabled boxes."""
-    (rule, has_stripes, lay, diag_on, q_g_reach, q_g_span, md_on, q_md, q_md_reach, r_md,
+    (stripes, has_stripes, lay, diag_on, q_g_reach, q_g_span, md_on, q_md, q_md_reach, r_md,
      win_on, q_win, q_win_reach, r_win) = box
     gk = lk - prefix
     k_grid = (gk >= 0) & (gk < N)
     always = k_grid == 0
     if has_stripes:
-        always = always | _stripe_keys(rule, gk)
+        always = always | _stripe_keys(stripes, gk)
     out = tl.where((always & (lk < kv_end))[None, :], s, float("-inf"))
     gk = tl.where(k_grid, gk, 0)
     if diag_on:  # |g_q - g_k| <= r as one subtraction and one unsigned compare (see the prologue)
@@ -192,6 +200,15 @@ def _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION: tl.constexpr)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _cube_lookup(p, order, prefix, N, cube_map):
+    """Cube-order heads: grid index of each physical position's token (0 off the grid); other
+    orders: 0 without touching memory."""
+    g = p - prefix
+    on_map = (order == 2) & (g >= 0) & (g < N)
+    return tl.load(cube_map + tl.where(on_map, g, 0), mask=on_map, other=0)
 
 
 @triton.jit
@@ -258,16 +275,24 @@ def _attend_runs_tma(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile
     the tensor): they are finite and always masked (dead keys)."""
     n, kt, hi, full = _first_run(RUNS, run_lo, run_hi)
     r = run_lo
+    # cube order: each tile's logical keys are looked up one tile ahead (every tile, predicated off
+    # for other orders), so the lookup's latency hides behind the previous tile's work
+    lg = _cube_lookup(kt * BLOCK_N + tl.arange(0, BLOCK_N), order, prefix, N, cube_map)
     for _ in range(0, n):
+        p = kt * BLOCK_N + tl.arange(0, BLOCK_N)
         bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if (full == 0) | (kt >= first_cut_tile):
-            lk = _to_logical(kt * BLOCK_N + tl.arange(0, BLOCK_N), order, prefix, F, P, N, inv_F, cube_map)
+            if order == 2:
+                lk = tl.where((p >= prefix) & (p < prefix + N), prefix + lg, p)
+            else:
+                lk = _to_logical(p, order, prefix, F, P, N, inv_F, cube_map)
             bias = _masked_scores(bias, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end)
         k = desc_k.load([k_row + kt * BLOCK_N, k_col])
         s = tl.dot(q, tl.trans(k), bias, input_precision=PRECISION)
         v = desc_v.load([v_row + kt * BLOCK_N, v_col])
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION)
         r, kt, hi, full = _next_tile(RUNS, r, kt, hi, full, run_hi)
+        lg = _cube_lookup(kt * BLOCK_N + tl.arange(0, BLOCK_N), order, prefix, N, cube_map)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION)
     return acc, m_i, l_i
 
 
@@ -337,9 +362,10 @@ def _sparse_attention_fwd(
     q_g_span = tl.where(q_grid, 2 * r_g, (1 << 31) - 1).to(tl.uint32, bitcast=True)
     q_md, q_md_reach = _query_codes((fq << md_f_shift) | sq, r_md, md_guard, q_grid)
     q_win, q_win_reach = _query_codes((fq << win_f_shift) | (yq << win_y_shift) | xq, r_win, win_guard, q_grid)
-    has_stripes = (tl.load(rule + 8) > 0) | (tl.load(rule + 9) > 0)
+    stripes = _stripe_bounds(rule)
+    has_stripes = (stripes[0] > 0) | (stripes[1] > 0)
     lay = (win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard)
-    box = (rule, has_stripes, lay, diag_on, q_g_reach, q_g_span, md_on, q_md, q_md_reach, r_md,
+    box = (stripes, has_stripes, lay, diag_on, q_g_reach, q_g_span, md_on, q_md, q_md_reach, r_md,
            win_on, q_win, q_win_reach, r_win)
 
     k_base = K + b * stride_kb + h * stride_kh
