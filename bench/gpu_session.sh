@@ -14,9 +14,10 @@ for step in ${steps[*]}; do
   case $step in
     attention) timeout 150 python3 -m sparse_vdit.bench.attention --quick --out "$OUT" ;;
     engine)    # GPU kernel tests, then every family at the two shapes with all dense baselines (~500 s)
-               timeout 200 python3 -m pytest -q tests/gpu
+               timeout "${GPU_TEST_SECONDS:-200}" python3 -m pytest -q tests/gpu
                timeout "${ENGINE_SECONDS:-300}" python3 -m sparse_vdit.bench.attention --shapes cogvideox,wan14b \
-                 --densities 0.1,0.3,0.5 --baselines cudnn,flash,sage --flex-shapes wan14b --out "$OUT/engine" ;;
+                 --densities 0.1,0.3,0.5 --baselines "${ENGINE_BASELINES:-cudnn,flash,sage}" --flex-shapes wan14b \
+                 --out "$OUT/engine" ;;
     tma)       # autotuned load path (TMA or gathered, the default) vs gathered loads only (SPARSE_VDIT_TMA=0)
                for tma in 1 0; do
                  SPARSE_VDIT_TMA=$tma timeout 200 python3 -m sparse_vdit.bench.attention --shapes wan14b,cogvideox \
