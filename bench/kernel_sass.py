@@ -8,8 +8,8 @@ with Triton) disassembles it. Every backward branch closes a loop. A loop with t
 instructions (HGMMA / HMMA) is a k-tile loop, and its length is the static instruction count one
 warp issues per k-tile. Per loop the table gives TMA loads (UTMALDG), other global loads
 (LDG / LDGSTS), score selects (FSEL: masked loops), spills (LDL / STL) and the most frequent
-opcodes. Branches inside a loop (full or masked tile, head kinds, token orders) all count here;
-a tile runs only its own. Registers and stack: `cuobjdump -res-usage`. Run without TRITON_INTERPRET.
+opcodes. Branches inside a loop (head kinds, token orders) all count here; a head runs only its
+own. Registers and stack: `cuobjdump -res-usage`. Run without TRITON_INTERPRET.
 """
 
 from __future__ import annotations

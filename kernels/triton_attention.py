@@ -1,14 +1,13 @@
 """One Triton forward kernel for all sparse heads of a layer, driven by KernelTables.
 
 Grid: (q-tiles, batch x active heads). A program reads its head's rule row and walks the k-tile
-runs of its q-tile in one software-pipelined loop (full and partial tiles alike, so the TMA
-pipeline never drains between runs). K/V tiles come by TMA where the launch has descriptors
-(Hopper+): straight from the inputs for frame-major heads, from a per-call copy in their own
-physical order for space-major and cube-order heads; otherwise rows are gathered through the
-head's physical->logical map. The exact rule is evaluated only on partial tiles (or tiles crossing
-kv_len / the sequence end), as packed box tests written into a 0 / -inf bias tile that the QKᵀ MMA
-accumulates onto, and an online softmax runs in base 2. Skip heads are never launched; their
-output slice is zero-filled. Registered as the custom op `torch.ops.sparse_vdit.sparse_attention`.
+runs of its q-tile. K/V tiles come by TMA where the launch has descriptors (Hopper+): straight from
+the inputs for frame-major heads, from a per-call copy in their own physical order for space-major
+and cube-order heads; otherwise rows are gathered through the head's physical->logical map. The
+exact rule is evaluated only on partial tiles (or tiles crossing kv_len / the sequence end), as
+packed box tests written straight into the scores, and an online softmax runs in base 2. Skip heads
+are never launched; their output slice is zero-filled. Registered as the custom op
+`torch.ops.sparse_vdit.sparse_attention`.
 """
 
 from __future__ import annotations
@@ -139,40 +138,32 @@ def _query_codes(code, radius, guard, q_grid):
 
 
 @triton.jit
-def _stripe_bounds(rule):
-    """A head's vertical stripes as scalars, read once per program: (first grid tokens, number of
-    column ranges, then three (start, end) grid ranges)."""
-    return (tl.load(rule + 8), tl.load(rule + 9), tl.load(rule + 10), tl.load(rule + 11), tl.load(rule + 12),
-            tl.load(rule + 13), tl.load(rule + 14), tl.load(rule + 15))
-
-
-@triton.jit
-def _stripe_keys(stripes, gk):
-    """Keys a head's vertical stripes make global: the first `stripes[0]` grid tokens and up to
-    three grid ranges (`_stripe_bounds`)."""
-    first, n_cols, a0, b0, a1, b1, a2, b2 = stripes
-    hit = gk < first
-    hit = hit | ((n_cols > 0) & (gk >= a0) & (gk < b0))
-    hit = hit | ((n_cols > 1) & (gk >= a1) & (gk < b1))
-    hit = hit | ((n_cols > 2) & (gk >= a2) & (gk < b2))
+def _stripe_keys(rule, gk):
+    """Keys a head's vertical stripes make global: the first `rule[8]` grid tokens and up to three
+    grid ranges."""
+    n_cols = tl.load(rule + 9)
+    hit = gk < tl.load(rule + 8)
+    hit = hit | ((n_cols > 0) & (gk >= tl.load(rule + 10)) & (gk < tl.load(rule + 11)))
+    hit = hit | ((n_cols > 1) & (gk >= tl.load(rule + 12)) & (gk < tl.load(rule + 13)))
+    hit = hit | ((n_cols > 2) & (gk >= tl.load(rule + 14)) & (gk < tl.load(rule + 15)))
     return hit
 
 
 @triton.jit
 def _masked_scores(s, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end):
-    """`s` with the exact rule of kernels/rule.py applied (-inf where a pair is not attended; on a
-    zero tile: the bias tile a masked k-tile's MMA accumulates onto): always-attended keys (non-grid, stripes) first, then the OR of the head's enabled
+    """One tile's scores with the exact rule of kernels/rule.py applied (-inf where a pair is not
+    attended): always-attended keys (non-grid, stripes) first, then the OR of the head's enabled
     boxes (diagonal over g, multi-diagonal over (f, s), window over (f, y, x)), each written
     straight into the scores so no boolean tile lives across branches. `box` holds the head's
     per-q-tile query codes and scalars (see the kernel's prologue); key coordinates are derived
     only for the enabled boxes."""
-    (stripes, has_stripes, lay, diag_on, q_g_reach, q_g_span, md_on, q_md, q_md_reach, r_md,
+    (rule, has_stripes, lay, diag_on, q_g_reach, q_g_span, md_on, q_md, q_md_reach, r_md,
      win_on, q_win, q_win_reach, r_win) = box
     gk = lk - prefix
     k_grid = (gk >= 0) & (gk < N)
     always = k_grid == 0
     if has_stripes:
-        always = always | _stripe_keys(stripes, gk)
+        always = always | _stripe_keys(rule, gk)
     out = tl.where((always & (lk < kv_end))[None, :], s, float("-inf"))
     gk = tl.where(k_grid, gk, 0)
     if diag_on:  # |g_q - g_k| <= r as one subtraction and one unsigned compare (see the prologue)
@@ -203,97 +194,72 @@ def _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION: tl.constexpr)
 
 
 @triton.jit
-def _cube_lookup(p, order, prefix, N, cube_map):
-    """Cube-order heads: grid index of each physical position's token (0 off the grid); other
-    orders: 0 without touching memory."""
-    g = p - prefix
-    on_map = (order == 2) & (g >= 0) & (g < N)
-    return tl.load(cube_map + tl.where(on_map, g, 0), mask=on_map, other=0)
-
-
-@triton.jit
-def _first_run(RUNS, run_lo, run_hi):
-    """(tiles in runs [run_lo, run_hi), first run's start, end, full flag); zeros without runs."""
-    n = 0
-    for r in range(run_lo, run_hi):
-        n += tl.load(RUNS + 3 * r + 1) - tl.load(RUNS + 3 * r)
-    some = run_hi > run_lo
-    return (n, tl.load(RUNS + 3 * run_lo, mask=some, other=0), tl.load(RUNS + 3 * run_lo + 1, mask=some, other=0),
-            tl.load(RUNS + 3 * run_lo + 2, mask=some, other=0))
-
-
-@triton.jit
-def _next_tile(RUNS, r, kt, hi, full, run_hi):
-    """Step (run, k-tile, run end, full flag) to the next tile of a q-tile's runs (branch-free, so
-    the loop's TMA loads stay software-pipelined)."""
-    kt += 1
-    step = kt == hi
-    r = tl.where(step, r + 1, r)
-    some = step & (r < run_hi)
-    kt = tl.where(step, tl.load(RUNS + 3 * r, mask=some, other=0), kt)
-    hi = tl.where(step, tl.load(RUNS + 3 * r + 1, mask=some, other=0), hi)
-    full = tl.where(step, tl.load(RUNS + 3 * r + 2, mask=some, other=0), full)
-    return r, kt, hi, full
-
-
-@triton.jit
-def _attend_runs(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile, k_base, v_base, stride_kl,
-                 stride_vl, order, cube_map, prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update over every k-tile of runs [run_lo, run_hi) in one loop, K/V rows
-    gathered through the head's physical->logical map; partial tiles and tiles from
-    `first_cut_tile` on get the rule (`box`, see `_masked_scores`) and kv_len."""
+def _attend_tiles(acc, m_i, l_i, q, box, kt_lo, kt_hi, k_base, v_base, stride_kl, stride_vl, order, cube_map,
+                  prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W, HEAD_DIM: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax update over k-tiles [kt_lo, kt_hi) with K/V rows gathered through the head's
+    physical->logical map; MASKED applies the rule (`box`, see `_masked_scores`) and kv_len."""
     offs_d = tl.arange(0, HEAD_DIM)
-    n, kt, hi, full = _first_run(RUNS, run_lo, run_hi)
-    r = run_lo
-    for _ in range(0, n):
+    for kt in range(kt_lo, kt_hi):
         offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
         lk = _to_logical(offs_n, order, prefix, F, P, N, inv_F, cube_map)
         k_valid = offs_n < L
         k = tl.load(k_base + lk.to(tl.int64)[:, None] * stride_kl + offs_d[None, :],
                     mask=k_valid[:, None], other=0.0)
-        bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if (full == 0) | (kt >= first_cut_tile):
-            bias = _masked_scores(bias, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end)
-        s = tl.dot(q, tl.trans(k), bias, input_precision=PRECISION)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if MASKED:
+            s = _masked_scores(s, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end)
         v = tl.load(v_base + lk.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
                     mask=k_valid[:, None], other=0.0)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION)
-        r, kt, hi, full = _next_tile(RUNS, r, kt, hi, full, run_hi)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _attend_runs_tma(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile, desc_k, desc_v, k_row, k_col,
-                     v_row, v_col, order, cube_map, prefix, F, P, W, N, kv_end, qk_scale, inv_F, inv_P, inv_W,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """`_attend_runs` for K/V rows that lie in the head's physical order (frame-major heads: the
-    inputs themselves; space-major and cube-order heads: copies in their order), so a tile is
-    BLOCK_N consecutive rows fetched by TMA through 2D descriptors (`*_row`/`*_col`: where this
-    head's position 0 is). One loop over all runs keeps the TMA pipeline full from the first tile
-    to the last. Rows past a head's end belong to the next head or sample (or are zero-filled past
-    the tensor): they are finite and always masked (dead keys)."""
-    n, kt, hi, full = _first_run(RUNS, run_lo, run_hi)
-    r = run_lo
-    # cube order: each tile's logical keys are looked up one tile ahead (every tile, predicated off
-    # for other orders), so the lookup's latency hides behind the previous tile's work
-    lg = _cube_lookup(kt * BLOCK_N + tl.arange(0, BLOCK_N), order, prefix, N, cube_map)
-    for _ in range(0, n):
-        p = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-        bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if (full == 0) | (kt >= first_cut_tile):
-            if order == 2:
-                lk = tl.where((p >= prefix) & (p < prefix + N), prefix + lg, p)
-            else:
-                lk = _to_logical(p, order, prefix, F, P, N, inv_F, cube_map)
-            bias = _masked_scores(bias, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end)
+def _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, kt_hi, desc_k, desc_v, k_row, k_col, v_row, v_col,
+                      order, cube_map, prefix, F, P, W, N, kv_end, qk_scale, inv_F, inv_P, inv_W,
+                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax update over k-tiles [kt_lo, kt_hi) whose K/V rows lie in the head's physical
+    order (frame-major heads: the inputs themselves; space-major and cube-order heads: copies in
+    their order), so a tile is BLOCK_N consecutive rows fetched by TMA through 2D descriptors (`*_row`/`*_col`:
+    where this head's position 0 is); MASKED applies the rule and kv_len to the tile's logical
+    keys. Rows past a head's end belong to the next head or sample (or are zero-filled past the
+    tensor): they are finite and always masked (dead keys)."""
+    for kt in range(kt_lo, kt_hi):
         k = desc_k.load([k_row + kt * BLOCK_N, k_col])
-        s = tl.dot(q, tl.trans(k), bias, input_precision=PRECISION)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if MASKED:
+            lk = _to_logical(kt * BLOCK_N + tl.arange(0, BLOCK_N), order, prefix, F, P, N, inv_F, cube_map)
+            s = _masked_scores(s, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end)
         v = desc_v.load([v_row + kt * BLOCK_N, v_col])
-        r, kt, hi, full = _next_tile(RUNS, r, kt, hi, full, run_hi)
-        lg = _cube_lookup(kt * BLOCK_N + tl.arange(0, BLOCK_N), order, prefix, N, cube_map)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_run(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, k_base, v_base, stride_kl, stride_vl, order,
+                cube_map, prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One run of k-tiles with gathered loads: [kt_lo, split) without the rule, [split, kt_hi) with it."""
+    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, box, kt_lo, split, k_base, v_base, stride_kl, stride_vl,
+                                  order, cube_map, prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
+                                  HEAD_DIM, BLOCK_N, False, PRECISION)
+    return _attend_tiles(acc, m_i, l_i, q, box, split, kt_hi, k_base, v_base, stride_kl, stride_vl,
+                         order, cube_map, prefix, F, P, W, N, L, kv_end, qk_scale, inv_F, inv_P, inv_W,
+                         HEAD_DIM, BLOCK_N, True, PRECISION)
+
+
+@triton.jit
+def _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, desc_k, desc_v, k_row, k_col, v_row, v_col,
+                    order, cube_map, prefix, F, P, W, N, kv_end, qk_scale, inv_F, inv_P, inv_W,
+                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One run of k-tiles loaded by TMA: [kt_lo, split) without the rule, [split, kt_hi) with it."""
+    acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, split, desc_k, desc_v, k_row, k_col,
+                                      v_row, v_col, order, cube_map, prefix, F, P, W, N, kv_end, qk_scale,
+                                      inv_F, inv_P, inv_W, BLOCK_N, False, PRECISION)
+    return _attend_tiles_tma(acc, m_i, l_i, q, box, split, kt_hi, desc_k, desc_v, k_row, k_col,
+                             v_row, v_col, order, cube_map, prefix, F, P, W, N, kv_end, qk_scale,
+                             inv_F, inv_P, inv_W, BLOCK_N, True, PRECISION)
 
 
 # work_bucket (bit length of the program count), density_bucket (the layer's visited-tile density,
@@ -362,10 +328,9 @@ def _sparse_attention_fwd(
     q_g_span = tl.where(q_grid, 2 * r_g, (1 << 31) - 1).to(tl.uint32, bitcast=True)
     q_md, q_md_reach = _query_codes((fq << md_f_shift) | sq, r_md, md_guard, q_grid)
     q_win, q_win_reach = _query_codes((fq << win_f_shift) | (yq << win_y_shift) | xq, r_win, win_guard, q_grid)
-    stripes = _stripe_bounds(rule)
-    has_stripes = (stripes[0] > 0) | (stripes[1] > 0)
+    has_stripes = (tl.load(rule + 8) > 0) | (tl.load(rule + 9) > 0)
     lay = (win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard)
-    box = (stripes, has_stripes, lay, diag_on, q_g_reach, q_g_span, md_on, q_md, q_md_reach, r_md,
+    box = (rule, has_stripes, lay, diag_on, q_g_reach, q_g_span, md_on, q_md, q_md_reach, r_md,
            win_on, q_win, q_win_reach, r_win)
 
     k_base = K + b * stride_kb + h * stride_kh
@@ -383,19 +348,25 @@ def _sparse_attention_fwd(
 
     run_lo = tl.load(ROW_PTR + row_base + pid_m)
     run_hi = tl.load(ROW_PTR + row_base + pid_m + 1)
-    if USE_TMA and order == 0:  # USE_TMA is compile-time: without descriptors only gathered loads exist
-        acc, m_i, l_i = _attend_runs_tma(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile, DESC_K, DESC_V,
-                                         k_row, k_col, v_row, v_col, order, CUBE_MAP, prefix, F, P, W, N,
-                                         kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_M, BLOCK_N, PRECISION)
-    elif USE_TMA and n_slots > 0:  # a space-major or cube-order head's copy in its order [B, slots, L, D]
-        s_row = ((b * n_slots + tl.load(SLOT + h)) * L).to(tl.int32)
-        acc, m_i, l_i = _attend_runs_tma(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile, DESC_KS,
-                                         DESC_VS, s_row, 0, s_row, 0, order, CUBE_MAP, prefix, F, P, W, N,
-                                         kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_M, BLOCK_N, PRECISION)
-    else:
-        acc, m_i, l_i = _attend_runs(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile, k_base, v_base,
-                                     stride_kl, stride_vl, order, CUBE_MAP, prefix, F, P, W, N, L,
-                                     kv_end, qk_scale, inv_F, inv_P, inv_W, HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION)
+    for r in range(run_lo, run_hi):
+        kt_lo = tl.load(RUNS + 3 * r)
+        kt_hi = tl.load(RUNS + 3 * r + 1)
+        full = tl.load(RUNS + 3 * r + 2)
+        # full tiles before the cut need no mask; partial tiles and the rest do
+        split = tl.where(full != 0, tl.maximum(kt_lo, tl.minimum(kt_hi, first_cut_tile)), kt_lo)
+        if USE_TMA and order == 0:  # USE_TMA is compile-time: without descriptors only gathered loads exist
+            acc, m_i, l_i = _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, DESC_K, DESC_V,
+                                            k_row, k_col, v_row, v_col, order, CUBE_MAP, prefix, F, P, W, N,
+                                            kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_N, PRECISION)
+        elif USE_TMA and n_slots > 0:  # a space-major or cube-order head's copy in its order [B, slots, L, D]
+            s_row = ((b * n_slots + tl.load(SLOT + h)) * L).to(tl.int32)
+            acc, m_i, l_i = _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, DESC_KS, DESC_VS,
+                                            s_row, 0, s_row, 0, order, CUBE_MAP, prefix, F, P, W, N,
+                                            kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_N, PRECISION)
+        else:
+            acc, m_i, l_i = _attend_run(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, k_base, v_base,
+                                        stride_kl, stride_vl, order, CUBE_MAP, prefix, F, P, W, N, L,
+                                        kv_end, qk_scale, inv_F, inv_P, inv_W, HEAD_DIM, BLOCK_N, PRECISION)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
