@@ -1,7 +1,8 @@
 """The sparse-attention kernel's SASS per k-tile loop, compiled for a GPU on the CPU (no GPU needed).
 
     python3 -m sparse_vdit.bench.kernel_sass [--arch 90] [--head-dim 128] [--tiles 128x64]
-                                             [--warps 8] [--stages 3] [--no-tma] [--out FILE]
+                                             [--warps 8] [--stages 3] [--no-tma] [--merged-cube]
+                                             [--out FILE]
 
 Triton builds the sm_`arch` binary with the divisibility hints of a real launch; `nvdisasm` (shipped
 with Triton) disassembles it. Every backward branch closes a loop. A loop with tensor-core
@@ -94,11 +95,14 @@ def main(argv=None) -> None:
     parser.add_argument("--warps", type=int, default=8)
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--no-tma", action="store_true", help="the gathered-load kernel (pre-Hopper path)")
+    parser.add_argument("--merged-cube", action="store_true",
+                        help="with the merged run walk of cube-order heads (an autotuned TMA variant)")
     parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     block_m, block_n = (int(x) for x in args.tiles.split("x"))
     tma = not args.no_tma and args.arch >= 90
-    kernel = compile_for_target(args.arch, args.head_dim, block_m, block_n, tma, args.warps, args.stages)
+    kernel = compile_for_target(args.arch, args.head_dim, block_m, block_n, tma, args.warps, args.stages,
+                                merged_cube=args.merged_cube and tma)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:

@@ -49,20 +49,25 @@ if _INTERPRET:
 
 
 def _autotune_configs() -> list:
-    """Load path (TMA descriptors or gathered loads) x warps x stages to tune over;
+    """Load path (TMA descriptors or gathered loads) x warps x stages to tune over, and with TMA
+    how cube-order heads walk their runs (MERGED_CUBE, see `_attend_cube_runs_tma`);
     SPARSE_VDIT_TRITON_CONFIGS="8x3,8x2" narrows warps x stages. (The interpreter bypasses the
     autotuner: `launch_sparse_attention` runs the load path the call has descriptors for.)"""
     tma_pairs, gathered_pairs = ((8, 2), (8, 3), (8, 4), (4, 3)), ((8, 2), (8, 3))
     chosen = os.environ.get("SPARSE_VDIT_TRITON_CONFIGS")
     if chosen:
         tma_pairs = gathered_pairs = tuple(tuple(int(x) for x in c.split("x")) for c in chosen.split(","))
-    return ([triton.Config({"USE_TMA": True}, num_warps=w, num_stages=s) for w, s in tma_pairs]
-            + [triton.Config({"USE_TMA": False}, num_warps=w, num_stages=s) for w, s in gathered_pairs])
+    return ([triton.Config({"USE_TMA": True, "MERGED_CUBE": m}, num_warps=w, num_stages=s)
+             for m in (False, True) for w, s in tma_pairs]
+            + [triton.Config({"USE_TMA": False, "MERGED_CUBE": False}, num_warps=w, num_stages=s)
+               for w, s in gathered_pairs])
 
 
 def _prune_configs(configs, named_args, **kwargs) -> list:
-    """TMA configs only when the call has descriptors."""
-    return [c for c in configs if named_args["has_desc"] or not c.kwargs["USE_TMA"]]
+    """TMA configs only when the call has descriptors; merged cube-order walks only when cube-order
+    heads read copies."""
+    return [c for c in configs if (named_args["has_desc"] or not c.kwargs["USE_TMA"])
+            and (named_args["has_cube_copies"] or not c.kwargs["MERGED_CUBE"])]
 
 
 @triton.jit
@@ -262,23 +267,89 @@ def _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, desc_k, desc_v, 
                              inv_F, inv_P, inv_W, BLOCK_N, True, PRECISION)
 
 
+@triton.jit
+def _first_run(RUNS, run_lo, run_hi):
+    """(tiles in runs [run_lo, run_hi), first run's start, end, full flag); zeros without runs."""
+    n = 0
+    for r in range(run_lo, run_hi):
+        n += tl.load(RUNS + 3 * r + 1) - tl.load(RUNS + 3 * r)
+    some = run_hi > run_lo
+    return (n, tl.load(RUNS + 3 * run_lo, mask=some, other=0), tl.load(RUNS + 3 * run_lo + 1, mask=some, other=0),
+            tl.load(RUNS + 3 * run_lo + 2, mask=some, other=0))
+
+
+@triton.jit
+def _next_tile(RUNS, r, kt, hi, full, run_hi):
+    """Step (run, k-tile, run end, full flag) to the next tile of a q-tile's runs (branch-free, so
+    the loop's TMA loads stay software-pipelined)."""
+    kt += 1
+    step = kt == hi
+    r = tl.where(step, r + 1, r)
+    some = step & (r < run_hi)
+    kt = tl.where(step, tl.load(RUNS + 3 * r, mask=some, other=0), kt)
+    hi = tl.where(step, tl.load(RUNS + 3 * r + 1, mask=some, other=0), hi)
+    full = tl.where(step, tl.load(RUNS + 3 * r + 2, mask=some, other=0), full)
+    return r, kt, hi, full
+
+
+@triton.jit
+def _cube_grid_index(p, prefix, N, cube_map):
+    """Cube order: grid index of each physical position's token (0 off the grid)."""
+    g = p - prefix
+    on_grid = (g >= 0) & (g < N)
+    return tl.load(cube_map + tl.where(on_grid, g, 0), mask=on_grid, other=0)
+
+
+@triton.jit
+def _attend_cube_runs_tma(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile, desc_k, desc_v, row, cube_map,
+                          prefix, P, W, N, kv_end, qk_scale, inv_P, inv_W, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """A cube-order head's runs [run_lo, run_hi) from its copy (`row`: its position 0) in ONE
+    software-pipelined loop, full and partial tiles alike, instead of a full and a masked loop per
+    run: cube-order windows have many short runs of mostly partial tiles, and each loop entry
+    drains and refills the TMA pipeline. Each tile's logical keys are looked up one tile ahead, so
+    the lookup's latency hides behind the previous tile's softmax and PV MMA, and the rule enters as
+    a 0 / -inf bias tile the QK MMA accumulates onto (masking the scores after the MMA makes the
+    compiler run the softmax in two register layouts). Measured (run G, BENCHMARKS.md): much faster
+    for window-heavy layers, slower on full tiles, so the autotuner chooses per layer."""
+    offs_n = tl.arange(0, BLOCK_N)
+    n, kt, hi, full = _first_run(RUNS, run_lo, run_hi)
+    r = run_lo
+    lg = _cube_grid_index(kt * BLOCK_N + offs_n, prefix, N, cube_map)
+    for _ in range(0, n):
+        p = kt * BLOCK_N + offs_n
+        bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if (full == 0) | (kt >= first_cut_tile):
+            lk = tl.where((p >= prefix) & (p < prefix + N), prefix + lg, p)
+            bias = _masked_scores(bias, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end)
+        k = desc_k.load([row + kt * BLOCK_N, 0])
+        s = tl.dot(q, tl.trans(k), bias, input_precision=PRECISION)
+        v = desc_v.load([row + kt * BLOCK_N, 0])
+        r, kt, hi, full = _next_tile(RUNS, r, kt, hi, full, run_hi)
+        lg = _cube_grid_index(kt * BLOCK_N + offs_n, prefix, N, cube_map)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, PRECISION)
+    return acc, m_i, l_i
+
+
 # work_bucket (bit length of the program count), density_bucket (the layer's visited-tile density,
-# log2 steps) and has_desc are only autotune keys: the best load path and warps/stages depend on how
-# many programs fill the GPU and how many runs and partial tiles each walks (a dense layer's best
-# config is not a sparse one's), and TMA configs need descriptors.
+# log2 steps), has_desc and has_cube_copies are only autotune keys: the best load path, run walk and
+# warps/stages depend on how many programs fill the GPU and how many runs and partial tiles each
+# walks (a dense layer's best config is not a sparse one's), TMA configs need descriptors and merged
+# cube-order walks need cube-order heads reading copies.
 @triton.autotune(configs=_autotune_configs(),
-                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "work_bucket", "density_bucket", "has_desc"],
+                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "work_bucket", "density_bucket", "has_desc",
+                      "has_cube_copies"],
                  prune_configs_by={"early_config_prune": _prune_configs},
                  cache_results=True)
-@triton.jit(do_not_specialize=["n_active", "work_bucket"])  # one binary whatever the head mix
+@triton.jit(do_not_specialize=["n_active", "work_bucket", "has_cube_copies"])  # one binary whatever the head mix
 def _sparse_attention_fwd(
     Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN, CUBE_MAP, DESC_K, DESC_V, DESC_KS, DESC_VS, SLOT,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
     n_active, L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale, work_bucket, density_bucket, has_desc,
-    win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard, n_slots,
+    win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard, n_slots, has_cube_copies,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KV_LEN: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_KV_LEN: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, MERGED_CUBE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -348,25 +419,31 @@ def _sparse_attention_fwd(
 
     run_lo = tl.load(ROW_PTR + row_base + pid_m)
     run_hi = tl.load(ROW_PTR + row_base + pid_m + 1)
-    for r in range(run_lo, run_hi):
-        kt_lo = tl.load(RUNS + 3 * r)
-        kt_hi = tl.load(RUNS + 3 * r + 1)
-        full = tl.load(RUNS + 3 * r + 2)
-        # full tiles before the cut need no mask; partial tiles and the rest do
-        split = tl.where(full != 0, tl.maximum(kt_lo, tl.minimum(kt_hi, first_cut_tile)), kt_lo)
-        if USE_TMA and order == 0:  # USE_TMA is compile-time: without descriptors only gathered loads exist
-            acc, m_i, l_i = _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, DESC_K, DESC_V,
-                                            k_row, k_col, v_row, v_col, order, CUBE_MAP, prefix, F, P, W, N,
-                                            kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_N, PRECISION)
-        elif USE_TMA and n_slots > 0:  # a space-major or cube-order head's copy in its order [B, slots, L, D]
-            s_row = ((b * n_slots + tl.load(SLOT + h)) * L).to(tl.int32)
-            acc, m_i, l_i = _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, DESC_KS, DESC_VS,
-                                            s_row, 0, s_row, 0, order, CUBE_MAP, prefix, F, P, W, N,
-                                            kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_N, PRECISION)
-        else:
-            acc, m_i, l_i = _attend_run(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, k_base, v_base,
-                                        stride_kl, stride_vl, order, CUBE_MAP, prefix, F, P, W, N, L,
-                                        kv_end, qk_scale, inv_F, inv_P, inv_W, HEAD_DIM, BLOCK_N, PRECISION)
+    if MERGED_CUBE and order == 2 and n_slots > 0:  # MERGED_CUBE is compile-time, and only with TMA
+        s_row = ((b * n_slots + tl.load(SLOT + h)) * L).to(tl.int32)
+        acc, m_i, l_i = _attend_cube_runs_tma(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile, DESC_KS,
+                                              DESC_VS, s_row, CUBE_MAP, prefix, P, W, N, kv_end, qk_scale, inv_P,
+                                              inv_W, BLOCK_M, BLOCK_N, PRECISION)
+    else:
+        for r in range(run_lo, run_hi):
+            kt_lo = tl.load(RUNS + 3 * r)
+            kt_hi = tl.load(RUNS + 3 * r + 1)
+            full = tl.load(RUNS + 3 * r + 2)
+            # full tiles before the cut need no mask; partial tiles and the rest do
+            split = tl.where(full != 0, tl.maximum(kt_lo, tl.minimum(kt_hi, first_cut_tile)), kt_lo)
+            if USE_TMA and order == 0:  # USE_TMA is compile-time: without descriptors only gathered loads exist
+                acc, m_i, l_i = _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, DESC_K, DESC_V,
+                                                k_row, k_col, v_row, v_col, order, CUBE_MAP, prefix, F, P, W, N,
+                                                kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_N, PRECISION)
+            elif USE_TMA and n_slots > 0:  # a space-major or cube-order head's copy in its order [B, slots, L, D]
+                s_row = ((b * n_slots + tl.load(SLOT + h)) * L).to(tl.int32)
+                acc, m_i, l_i = _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, DESC_KS, DESC_VS,
+                                                s_row, 0, s_row, 0, order, CUBE_MAP, prefix, F, P, W, N,
+                                                kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_N, PRECISION)
+            else:
+                acc, m_i, l_i = _attend_run(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, k_base, v_base,
+                                            stride_kl, stride_vl, order, CUBE_MAP, prefix, F, P, W, N, L,
+                                            kv_end, qk_scale, inv_F, inv_P, inv_W, HEAD_DIM, BLOCK_N, PRECISION)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -421,6 +498,12 @@ def _tma_enabled() -> bool:
     return os.environ.get("SPARSE_VDIT_TMA", "1") != "0"
 
 
+def _merged_cube_enabled() -> bool:
+    """Whether cube-order heads reading copies may walk their runs in one merged loop (the
+    autotuner then times both walks); SPARSE_VDIT_MERGED_CUBE=0 keeps the loop-per-run walk."""
+    return os.environ.get("SPARSE_VDIT_MERGED_CUBE", "1") != "0"
+
+
 def _row_descriptor(x: torch.Tensor, block_rows: int):
     """A 2D TMA descriptor viewing x ([B, H, L, D], last dim contiguous) as rows of its token stride
     (every head's D values then sit inside one row), or None when x's strides or alignment don't allow it."""
@@ -468,7 +551,7 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                             permuted: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> None:
     """Write sparse attention into `out` (same layout as q): skip heads zero-filled, active heads
     by the kernel. geometry = [prefix, frames, height, width]; cube_map is needed when a head runs
-    in cube order; density_bucket (KernelTables.density_bucket) only keys the autotuning;
+    in cube order (pass None otherwise: it also tells the autotuner whether cube-order walks matter); density_bucket (KernelTables.density_bucket) only keys the autotuning;
     permuted = (heads, slots, orders) from KernelTables.launch_heads lets space-major and
     cube-order heads load by TMA from copies of their K/V in their own order; inputs must already
     be validated."""
@@ -495,6 +578,7 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     if descs is not None and permuted is not None and permuted[0].numel():
         copies = _physical_order_copies(kb, vb, permuted[0], permuted[2], geometry, block_n)
     n_slots, slots = (permuted[0].numel(), permuted[1]) if copies else (0, head_rules)
+    has_cube_copies = int(bool(copies) and cube_map is not None and _merged_cube_enabled())
     args = (qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads,
             kv_len if kv_len is not None else head_rules,
             cube_map if cube_map is not None else head_rules,
@@ -502,16 +586,18 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
             qb.stride(0), qb.stride(1), qb.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
             vb.stride(0), vb.stride(1), vb.stride(2), ob.stride(0), ob.stride(1), ob.stride(2),
             n_active, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
-            scale * _LOG2E, work_bucket, density_bucket, has_desc, *box_layouts(frames, height, width), n_slots)
+            scale * _LOG2E, work_bucket, density_bucket, has_desc, *box_layouts(frames, height, width), n_slots,
+            has_cube_copies)
     kernel, options = _sparse_attention_fwd, {}
     tuned = None
     if _REUSE_TUNED[0]:  # the autotuner's key of this launch: its key values, then every arg's dtype
-        key = (D, block_m, block_n, precision, work_bucket, density_bucket, has_desc)
+        key = (D, block_m, block_n, precision, work_bucket, density_bucket, has_desc, has_cube_copies)
         tuned = _nearest_tuned(key + tuple(str(a.dtype) for a in args if hasattr(a, "dtype")))
     if tuned is not None:
         kernel, options = _sparse_attention_fwd.fn, tuned
-    elif _INTERPRET:  # nothing to tune: one config, the call's load path
-        kernel, options = _sparse_attention_fwd.fn, dict(USE_TMA=bool(has_desc), num_warps=4, num_stages=1)
+    elif _INTERPRET:  # nothing to tune: one config, the call's load path and cube-order run walk
+        kernel, options = _sparse_attention_fwd.fn, dict(USE_TMA=bool(has_desc), MERGED_CUBE=bool(has_cube_copies),
+                                                          num_warps=4, num_stages=1)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         kernel[grid](*args, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
                      PRECISION=precision, **options)
@@ -547,11 +633,16 @@ def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
                             layout: str, kv_len: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """Sparse attention through the custom op (inputs must already be validated)."""
     active, skip, permuted_heads, permuted_slots, permuted_orders = tables.launch_heads()
-    # checked in eager calls (the check is a host-side bool that torch.compile cannot trace)
-    if tables.cube_map is None and not torch.compiler.is_compiling() and tables.uses_cube_order():
-        raise ValueError("a head runs in cube order (ORDER 2) but the tables carry no cube_map")
+    # eager calls pass cube_map only to layers with cube-order heads and check it is there; under
+    # torch.compile (the check is a host-side bool it cannot trace) the tables' map goes as it is
+    cube_map = tables.cube_map
+    if not torch.compiler.is_compiling():
+        uses_cube = tables.uses_cube_order()
+        if cube_map is None and uses_cube:
+            raise ValueError("a head runs in cube order (ORDER 2) but the tables carry no cube_map")
+        cube_map = cube_map if uses_cube else None
     return torch.ops.sparse_vdit.sparse_attention(
-        q, k, v, tables.head_rules, tables.row_ptr, tables.runs, active, skip, kv_len, tables.cube_map,
+        q, k, v, tables.head_rules, tables.row_ptr, tables.runs, active, skip, kv_len, cube_map,
         [tables.prefix, tables.frames, tables.height, tables.width],
         tables.block_m, tables.block_n, layout, float(scale), tables.density_bucket,
         permuted_heads, permuted_slots, permuted_orders)

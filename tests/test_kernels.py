@@ -233,7 +233,7 @@ def test_kernel_and_reference_match_float64(case):
                 assert torch.equal(got_bhld[:, h], torch.zeros_like(got_bhld[:, h]))
 
 
-def test_cube_order_heads_mixed_with_other_orders():
+def test_cube_order_heads_mixed_with_other_orders(monkeypatch):
     # H not a multiple of 8, prefix and suffix segments; kv_len cut mid-frame and in the prefix.
     # Head 0's tiles are skipped, partial and full, so a wrong map or kv cut changes the result.
     prefix, F, H, W, suffix, D, bm, bn = 3, 1, 9, 24, 2, 64, 16, 16
@@ -249,9 +249,10 @@ def test_cube_order_heads_mixed_with_other_orders():
     q, k, v = (torch.randn(2, len(rules), L, D) for _ in range(3))
     kv_len = torch.tensor([80, 2], dtype=torch.int32)
     want = float64_attention(q, k, v, rules, (prefix, F, H, W), "bhld", kv_len, D ** -0.5)
-    for backend in ("triton", "reference"):
+    for backend, merged in (("triton", "1"), ("triton", "0"), ("reference", "1")):
+        monkeypatch.setenv("SPARSE_VDIT_MERGED_CUBE", merged)
         out = sparse_attention(q, k, v, tables, kv_len=kv_len, backend=backend)
-        assert rel_err(out, want) <= 1e-5, backend
+        assert rel_err(out, want) <= 1e-5, (backend, merged)
         assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
     # the kernel needs the map for cube-order heads
     bare = KernelTables(tables.head_rules, tables.row_ptr, tables.runs, prefix, F, H, W, L, bm, bn)
@@ -392,6 +393,41 @@ def test_packed_codes_fit_32_bits_up_to_the_length_limit():
         box_layouts(1 << 12, 1 << 12, 1 << 12)
 
 
+def test_cube_order_walk_is_tuned_only_where_cube_heads_read_copies(monkeypatch):
+    # the autotuner times the merged cube-order walk only for launches with cube-order heads reading
+    # copies (and TMA descriptors); the interpreter runs the walk the launch allows
+    from sparse_vdit.kernels import triton_attention as TA
+
+    configs = TA._autotune_configs()
+    for has_desc, has_cube in ((0, 0), (1, 0), (1, 1)):
+        kept = TA._prune_configs(configs, {"has_desc": has_desc, "has_cube_copies": has_cube})
+        assert any(not c.kwargs["USE_TMA"] for c in kept)
+        assert any(c.kwargs["USE_TMA"] for c in kept) == bool(has_desc)
+        assert any(c.kwargs["MERGED_CUBE"] for c in kept) == bool(has_cube)
+    assert not any(c.kwargs["MERGED_CUBE"] and not c.kwargs["USE_TMA"] for c in configs)
+    launched = []
+    original = TA._sparse_attention_fwd.fn
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                launched.append(options["MERGED_CUBE"])
+                return original[grid](*args, **options)
+            return launch
+
+    monkeypatch.setattr(TA._sparse_attention_fwd, "fn", Spy())
+    prefix, F, H, W = 2, 2, 9, 10
+    L = prefix + F * H * W
+    cube = tables_from_rules([make_rule(order=R.CUBE, win=(0, 2, 2)), make_rule(diag=9)], prefix, F, H, W, L, 16, 16)
+    band = tables_from_rules([make_rule(diag=9), make_rule(order=R.SPACE_MAJOR, md=(1, 1))], prefix, F, H, W, L,
+                             16, 16)
+    q, k, v = (torch.randn(1, 2, L, 64) for _ in range(3))
+    for tables, merged, want in ((cube, "1", True), (cube, "0", False), (band, "1", False)):
+        monkeypatch.setenv("SPARSE_VDIT_MERGED_CUBE", merged)
+        sparse_attention(q, k, v, tables)
+        assert launched[-1] is want
+
+
 def test_custom_op_traces_without_graph_break():
     tables = tables_from_rules([make_rule(diag=3), make_rule(order=R.SKIP_HEAD)], 1, 2, 3, 4, 27, 16, 16)
     q, k, v = _inputs()
@@ -486,11 +522,12 @@ def test_tma_and_gathered_loads_agree_on_strided_views(layout, monkeypatch):
     kv_len = torch.tensor([L, L - 9], dtype=torch.int32)
     want = float64_attention(q, k, v, rules, (prefix, F, H, W), layout, kv_len, D ** -0.5)
     bhld = (lambda t: t) if layout == "bhld" else (lambda t: t.transpose(1, 2))
-    for tma in ("1", "0"):
+    for tma, merged in (("1", "1"), ("1", "0"), ("0", "1")):  # cube-order runs merged or one loop per run
         monkeypatch.setenv("SPARSE_VDIT_TMA", tma)
+        monkeypatch.setenv("SPARSE_VDIT_MERGED_CUBE", merged)
         out = sparse_attention(q, k, v, tables, kv_len=kv_len, layout=layout)
-        assert rel_err(bhld(out), want) <= 1e-5, tma
-    assert copies == [([1, 3, 4], [1, 2, 1])]  # made once, with descriptors only
+        assert rel_err(bhld(out), want) <= 1e-5, (tma, merged)
+    assert copies == [([1, 3, 4], [1, 2, 1])] * 2  # made with descriptors only
     odd = torch.randn(fused.numel() + 1)[1:].view_as(fused)
     odd.copy_(fused)
     q2, k2, v2 = (c.reshape(2, L, nh, D) for c in odd.chunk(3, dim=-1))

@@ -195,31 +195,21 @@ def test_closed_pass_launches_reuse_a_tuned_config(monkeypatch):
     dtypes = ("torch.float32",) * 4 + ("torch.int32",) * 7  # q, k, v, out; rules, row_ptr, runs, active, kv, map, slots
     head = (64, 16, 16, "ieee")
     density = plan.tables.density_bucket
-    cache[head + (bucket + 3, density, 1) + dtypes] = triton.Config({"USE_TMA": True}, num_warps=2, num_stages=1)
+    cube = int(plan.tables.uses_cube_order())  # cube-order heads read copies: merged walks are tuned too
+    cache[head + (bucket + 3, density, 1, cube) + dtypes] = triton.Config({"USE_TMA": True, "MERGED_CUBE": bool(cube)},
+                                                                          num_warps=2, num_stages=1)
     with TA.reuse_tuned_configs():
         out = plan.run(q, k, v, backend="triton")
     assert launched == [2]  # the tuned config, launched directly
     assert torch.allclose(out, ref, atol=1e-4)
-    key = head + (bucket, density, 1) + dtypes
+    key = head + (bucket, density, 1, cube) + dtypes
     assert TA._nearest_tuned(key)["num_warps"] == 2
-    assert TA._nearest_tuned(key[:7] + ("torch.float16",) * 4 + dtypes[4:]) is None  # other dtype: tune
+    assert TA._nearest_tuned(key[:8] + ("torch.float16",) * 4 + dtypes[4:]) is None  # other dtype: tune
     assert TA._nearest_tuned((128,) + key[1:]) is None  # other head_dim
-    assert TA._nearest_tuned(key[:6] + (0,) + dtypes) is None  # no descriptors: a TMA config can't run
-    cache[key] = triton.Config({"USE_TMA": False}, num_warps=4, num_stages=1)
+    assert TA._nearest_tuned(key[:6] + (0, cube) + dtypes) is None  # no descriptors: a TMA config can't run
+    assert TA._nearest_tuned(key[:7] + (1 - cube,) + dtypes) is None  # cube-order walks (not) in play
+    cache[key] = triton.Config({"USE_TMA": False, "MERGED_CUBE": False}, num_warps=4, num_stages=1)
     assert TA._nearest_tuned(key) is None  # tuned: the autotuner's own
-
-
-def test_tma_configs_need_descriptors():
-    from sparse_vdit.kernels import triton_attention as TA
-
-    configs = [triton_config(tma, w) for tma in (True, False) for w in (4, 8)]
-    assert TA._prune_configs(configs, {"has_desc": 1}) == configs
-    assert [c.kwargs["USE_TMA"] for c in TA._prune_configs(configs, {"has_desc": 0})] == [False, False]
-
-
-def triton_config(tma, warps):
-    triton = pytest.importorskip("triton")
-    return triton.Config({"USE_TMA": tma}, num_warps=warps, num_stages=2)
 
 
 def test_dense_candidate_and_skip_take_no_product():
