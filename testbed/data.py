@@ -134,8 +134,9 @@ def _uniform(generator: torch.Generator, n: int, low: float, high: float) -> tor
     return low + (high - low) * torch.rand(n, generator=generator)
 
 
-def _shape_sdf(shape: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Signed distance in pixels (negative inside) of each video's shape, in its own rotated frame."""
+def shape_sdf(shape: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Signed distance in pixels (negative inside) of each video's shape (index into SHAPES), in its
+    own rotated frame (u, v) at radius r."""
     circle = torch.sqrt(u * u + v * v) - r
     square = torch.maximum(u.abs(), v.abs()) - 0.85 * r
     triangle = torch.stack(
@@ -243,7 +244,7 @@ def render_videos(prompts: Sequence[Prompt | str], generator: torch.Generator, d
         return c * dx + s * dy, -s * dx + c * dy
 
     u, v = local(screen, angle)
-    shape_alpha = _coverage(_shape_sdf(to(shape), u, v, to(radius)[:, None, None, None]))[:, None]
+    shape_alpha = _coverage(shape_sdf(to(shape), u, v, to(radius)[:, None, None, None]))[:, None]
 
     bar_xy = bar_centre[:, None, :] + bar_velocity[:, None, :] * t[None, :, None] - camera
     bu, bv = local(bar_xy, bar_angle[:, None].expand(n, FRAMES))

@@ -5,7 +5,7 @@
 writes samples_heldout.png and samples_train.png (sampled), data_heldout.png (the procedural
 videos of the same prompts, for comparison), attention_maps.png, head_stats.md and
 head_stats.json (statistics over the held-out samples; see head_stats.py; the json also counts
-the samples whose colour and motion match their prompt, see adherence.py), and with
+the samples whose colour, motion and shape match their prompt, see adherence.py), and with
 `--loss-csv` the training curve as loss_curve.png.
 """
 
@@ -65,7 +65,8 @@ def write_report(model, out: Path, seed: int = 0, steps: int = SAMPLE_STEPS) -> 
         "min_max_over_heads": spread,
         "adherence": {
             split: {"videos": len(results), "colour_right": sum(r.colour_right for r in results),
-                    "motion_right": sum(bool(r.motion_right) for r in results)}
+                    "motion_right": sum(bool(r.motion_right) for r in results),
+                    "shape_right": sum(bool(r.shape_right) for r in results)}
             for split, results in adherence.items()
         },
     }

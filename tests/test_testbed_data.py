@@ -1,5 +1,7 @@
 """The testbed's procedural videos, prompt vocabulary, conditioning and PNG strips."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -104,6 +106,26 @@ def test_adherence_accepts_the_procedural_videos():
     results = check_videos(data.render_videos(prompts, torch.Generator().manual_seed(1)), prompts)
     assert all(r.colour_right for r in results)
     assert sum(bool(r.motion_right) for r in results) >= len(prompts) - 1
+    # the shape fit recognises the rendered shapes (a passing bar may hide part of one)
+    assert sum(bool(r.shape_right) for r in results) >= len(prompts) - 3
+
+
+def test_shape_fit_tells_the_four_shapes_apart():
+    from sparse_vdit.testbed.adherence import shape_scores
+
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    for index, name in enumerate(data.SHAPES):
+        for angle, radius in ((0.3, 7.0), (1.1, 5.0)):  # rotated, off-centre, two sizes
+            c, s = math.cos(angle), math.sin(angle)
+            u, v = c * (xs - 13.4) + s * (ys - 17.8), -s * (xs - 13.4) + c * (ys - 17.8)
+            mask = data.shape_sdf(torch.tensor([index]), u[None, None], v[None, None],
+                                  torch.tensor([radius])[:, None, None, None])[0] < 0  # [1, H, W]
+            scores = shape_scores(mask.expand(3, 32, 32))
+            assert data.SHAPES[int(scores.argmax())] == name, (name, angle, scores)
+            assert scores[index] > 0.8
+    assert shape_scores(torch.zeros(2, 32, 32, dtype=torch.bool)) is None  # nothing to fit
+    blob = (xs - 16) ** 2 / 40 + (ys - 16) ** 2 / 6 < 1  # an ellipse: no shape fits it well
+    assert float(shape_scores(blob[None]).max()) < 0.85
 
 
 def test_adherence_rejects_wrong_colour_and_motion():
@@ -111,6 +133,8 @@ def test_adherence_rejects_wrong_colour_and_motion():
     assert check_video(video, "large red square moving left").motion_right
     assert not check_video(video, "large red square moving right").motion_right
     assert not check_video(video, "large blue square moving left").colour_right
+    assert check_video(video, "large red square moving left").shape_right
+    assert not check_video(video, "large red cross moving left").shape_right
     static = video[:, :1].expand_as(video)  # the first frame held still
     assert not check_video(static, "large red square moving left").motion_right
     assert check_video(static, "large red square spinning").motion_right
