@@ -65,9 +65,12 @@ def _autotune_configs() -> list:
 
 def _prune_configs(configs, named_args, **kwargs) -> list:
     """TMA configs only when the call has descriptors; merged cube-order walks only when cube-order
-    heads read copies."""
+    heads read copies (has_cube_copies 1), and then nothing else under SPARSE_VDIT_MERGED_CUBE=only
+(has_cube_copies 2)."""
+    only = named_args["has_cube_copies"] == 2
     return [c for c in configs if (named_args["has_desc"] or not c.kwargs["USE_TMA"])
-            and (named_args["has_cube_copies"] or not c.kwargs["MERGED_CUBE"])]
+            and (named_args["has_cube_copies"] or not c.kwargs["MERGED_CUBE"])
+            and (c.kwargs["MERGED_CUBE"] or not only)]
 
 
 @triton.jit
@@ -498,10 +501,12 @@ def _tma_enabled() -> bool:
     return os.environ.get("SPARSE_VDIT_TMA", "1") != "0"
 
 
-def _merged_cube_enabled() -> bool:
-    """Whether cube-order heads reading copies may walk their runs in one merged loop (the
-    autotuner then times both walks); SPARSE_VDIT_MERGED_CUBE=0 keeps the loop-per-run walk."""
-    return os.environ.get("SPARSE_VDIT_MERGED_CUBE", "1") != "0"
+def _merged_cube_mode() -> str:
+    """How cube-order heads reading copies walk their runs, from SPARSE_VDIT_MERGED_CUBE: "tune"
+    (default: the autotuner times the merged walk and the loop-per-run walk), "off" (=0: loop per
+    run) or "only" (the merged walk; for tests and benchmarks)."""
+    value = os.environ.get("SPARSE_VDIT_MERGED_CUBE", "1")
+    return {"0": "off", "only": "only"}.get(value, "tune")
 
 
 def _row_descriptor(x: torch.Tensor, block_rows: int):
@@ -551,7 +556,8 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                             permuted: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> None:
     """Write sparse attention into `out` (same layout as q): skip heads zero-filled, active heads
     by the kernel. geometry = [prefix, frames, height, width]; cube_map is needed when a head runs
-    in cube order (pass None otherwise: it also tells the autotuner whether cube-order walks matter); density_bucket (KernelTables.density_bucket) only keys the autotuning;
+    in cube order (pass None otherwise: it also tells the autotuner whether cube-order walks
+    matter); density_bucket (KernelTables.density_bucket) only keys the autotuning;
     permuted = (heads, slots, orders) from KernelTables.launch_heads lets space-major and
     cube-order heads load by TMA from copies of their K/V in their own order; inputs must already
     be validated."""
@@ -578,7 +584,11 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     if descs is not None and permuted is not None and permuted[0].numel():
         copies = _physical_order_copies(kb, vb, permuted[0], permuted[2], geometry, block_n)
     n_slots, slots = (permuted[0].numel(), permuted[1]) if copies else (0, head_rules)
-    has_cube_copies = int(bool(copies) and cube_map is not None and _merged_cube_enabled())
+    # 0: no cube-order heads reading copies (or the merged walk off), 1: tune both walks, 2: merged
+    # only; a key of the autotuner, so a forced walk is never served a config tuned without it
+    has_cube_copies = 0
+    if copies and cube_map is not None:
+        has_cube_copies = {"off": 0, "tune": 1, "only": 2}[_merged_cube_mode()]
     args = (qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads,
             kv_len if kv_len is not None else head_rules,
             cube_map if cube_map is not None else head_rules,

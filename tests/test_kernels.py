@@ -405,6 +405,8 @@ def test_cube_order_walk_is_tuned_only_where_cube_heads_read_copies(monkeypatch)
         assert any(c.kwargs["USE_TMA"] for c in kept) == bool(has_desc)
         assert any(c.kwargs["MERGED_CUBE"] for c in kept) == bool(has_cube)
     assert not any(c.kwargs["MERGED_CUBE"] and not c.kwargs["USE_TMA"] for c in configs)
+    kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 2})  # SPARSE_VDIT_MERGED_CUBE=only
+    assert kept and all(c.kwargs["MERGED_CUBE"] for c in kept)
     launched = []
     original = TA._sparse_attention_fwd.fn
 
@@ -422,10 +424,14 @@ def test_cube_order_walk_is_tuned_only_where_cube_heads_read_copies(monkeypatch)
     band = tables_from_rules([make_rule(diag=9), make_rule(order=R.SPACE_MAJOR, md=(1, 1))], prefix, F, H, W, L,
                              16, 16)
     q, k, v = (torch.randn(1, 2, L, 64) for _ in range(3))
-    for tables, merged, want in ((cube, "1", True), (cube, "0", False), (band, "1", False)):
+    keys = []
+    monkeypatch.setattr(TA, "_nearest_tuned", lambda key: keys.append(key[7]))  # the has_cube_copies key
+    for tables, merged, want, key in ((cube, "1", True, 1), (cube, "only", True, 2), (cube, "0", False, 0),
+                                      (band, "1", False, 0)):
         monkeypatch.setenv("SPARSE_VDIT_MERGED_CUBE", merged)
-        sparse_attention(q, k, v, tables)
-        assert launched[-1] is want
+        with TA.reuse_tuned_configs():
+            sparse_attention(q, k, v, tables)
+        assert launched[-1] is want and keys[-1] == key
 
 
 def test_custom_op_traces_without_graph_break():

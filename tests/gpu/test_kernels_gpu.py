@@ -40,6 +40,18 @@ GEOMS = [  # (prefix, F, H, W, suffix): Wan 480p, HunyuanVideo 720p (text last),
 @pytest.mark.parametrize("geom", GEOMS, ids=["P1560", "P3600", "P4080"])
 @pytest.mark.parametrize("head_dim, layout", [(128, "bhld"), (64, "blhd")])
 def test_bf16_matches_float32_on_sampled_rows(geom, head_dim, layout):
+    _check_layer(geom, head_dim, layout)
+
+
+@pytest.mark.parametrize("head_dim, layout", [(128, "bhld"), (64, "blhd")])
+def test_merged_cube_walk_matches_float32(head_dim, layout, monkeypatch):
+    # the autotuner may never pick the merged cube-order walk above: force it
+    monkeypatch.setenv("SPARSE_VDIT_MERGED_CUBE", "only")
+    _check_layer(GEOMS[2], head_dim, layout)
+
+
+def _check_layer(geom, head_dim, layout):
+    """Every head of `_layer_rules` in bf16 against float32 on 384 sampled query rows."""
     prefix, F, H, W, suffix = geom
     L = prefix + F * H * W + suffix
     rules = _layer_rules(F, H, W)
