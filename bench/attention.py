@@ -7,11 +7,13 @@ evaluates the same rule). Each sparse output is checked against float32 on sampl
 
     python3 -m sparse_vdit.bench.attention [--shapes wan13b,wan14b,hunyuan,cogvideox]
         [--densities 0.05,0.15,0.3,0.5] [--families local_window,...] [--tiles 128x64]
-        [--flex-shapes ...] [--out DIR] [--quick]
+        [--flex-shapes ...] [--cube-walks] [--out DIR] [--quick]
 
 --quick: Wan2.1-1.3B and CogVideoX1.5, local windows only, densities 0.1 and 0.3, cuDNN baseline, no
 Flex (a few minutes of GPU time). Each sparse row's note names the head orders the plan chose (fm,
-sm, cube) and the full / partial tile counts.
+sm, cube) and the full / partial tile counts. --cube-walks also times every layer with cube-order
+heads under each walk the autotuner chooses between (SPARSE_VDIT_MERGED_CUBE=0 and =only), as
+extra rows named "... [loop per run]" and "... [merged walk]".
 
 Prints a markdown table last and writes it (and the rows as JSON) to --out (default $OUT or .).
 Every row is also logged as it is measured (attention_log.txt); `--table-from LOG` prints the table
@@ -21,6 +23,7 @@ of a run a timeout cut before its end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -210,8 +213,26 @@ def mixed_layer(heads: int, geom: VideoGeometry) -> tuple:
     return tuple(menu[h % len(menu)] for h in range(heads))
 
 
+CUBE_WALKS = (("0", "loop per run"), ("only", "merged walk"))  # SPARSE_VDIT_MERGED_CUBE values
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """Set one environment variable inside the block, restoring it after."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
 def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", dtype=torch.bfloat16,
-                use_flex: bool = True, baselines=("cudnn", "flash", "sage"), families=FAMILIES) -> None:
+                use_flex: bool = True, baselines=("cudnn", "flash", "sage"), families=FAMILIES,
+                cube_walks: bool = False) -> None:
     """Time and check every variant at one (label, geometry, heads, head_dim); rows appended."""
     label, geom, H, D = shape
     L = geom.seq_len
@@ -293,6 +314,12 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
                     log(traceback.format_exc())
             add(name + tag, ms, token_density, plan.tile_density, flex_ms, err, note,
                 efficiency=token_density * dense_ms / ms)
+            for mode, walk in CUBE_WALKS if cube_walks and plan.tables.uses_cube_order() else ():
+                with env_set("SPARSE_VDIT_MERGED_CUBE", mode):
+                    err = sampled_error(plan.run(q, k, v, dense=sdpa), q, k, v, plan.head_rules, geom)
+                    ms = time_ms(lambda: plan.run(q, k, v, dense=sdpa))
+                add(f"{name}{tag} [{walk}]", ms, token_density, plan.tile_density, err=err,
+                    efficiency=token_density * dense_ms / ms)
         clear_plans()
     del q, k, v
     torch.cuda.empty_cache()
@@ -344,6 +371,8 @@ def main(argv=None) -> None:
                     help="shapes that get the FlexAttention column (default: all; '' for none)")
     ap.add_argument("--families", default=",".join(FAMILIES), help="pattern families (the mixed layer "
                     "runs only with all of them)")
+    ap.add_argument("--cube-walks", action="store_true",
+                    help="also time layers with cube-order heads under each cube-order walk")
     ap.add_argument("--quick", action="store_true",
                     help="wan13b,cogvideox; local_window at 0.1,0.3; cuDNN baseline; no Flex")
     ap.add_argument("--table-from", metavar="LOG",
@@ -383,7 +412,7 @@ def main(argv=None) -> None:
         try:
             use_flex = args.flex_shapes is None or key in args.flex_shapes.split(",")
             bench_shape(SHAPES[key], densities, tiles, rows, log, use_flex=use_flex,
-                        baselines=args.baselines.split(","), families=families)
+                        baselines=args.baselines.split(","), families=families, cube_walks=args.cube_walks)
         except Exception:
             log(traceback.format_exc())
         with open(os.path.join(args.out, "attention_rows.json"), "w") as fh:

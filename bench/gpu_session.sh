@@ -17,7 +17,7 @@ for step in ${steps[*]}; do
                timeout "${GPU_TEST_SECONDS:-200}" python3 -m pytest -q tests/gpu
                timeout "${ENGINE_SECONDS:-300}" python3 -m sparse_vdit.bench.attention --shapes cogvideox,wan14b \
                  --densities 0.1,0.3,0.5 --baselines "${ENGINE_BASELINES:-cudnn,flash,sage}" --flex-shapes wan14b \
-                 --out "$OUT/engine" ;;
+                 --cube-walks --out "$OUT/engine" ;;
     tma)       # autotuned load path (TMA or gathered, the default) vs gathered loads only (SPARSE_VDIT_TMA=0)
                for tma in 1 0; do
                  SPARSE_VDIT_TMA=$tma timeout 200 python3 -m sparse_vdit.bench.attention --shapes wan14b,cogvideox \

@@ -20,3 +20,21 @@ def test_table_from_a_log_keeps_every_row_and_skips_other_lines(tmp_path, capsys
     cells = [c.strip() for c in lines[1].split("|")[1:-1]]
     assert cells[1] == "diagonal 0.1 128x64" and cells[4] == "2.00" and cells[7] == "5.00"  # 10 ms / 2 ms
     assert cells[9] == "1.50"  # Flex / ours
+
+
+def test_env_set_restores_the_variable(monkeypatch):
+    import os
+
+    from sparse_vdit.bench.attention import env_set
+
+    monkeypatch.delenv("SPARSE_VDIT_MERGED_CUBE", raising=False)
+    with env_set("SPARSE_VDIT_MERGED_CUBE", "only"):
+        assert os.environ["SPARSE_VDIT_MERGED_CUBE"] == "only"
+    assert "SPARSE_VDIT_MERGED_CUBE" not in os.environ
+    monkeypatch.setenv("SPARSE_VDIT_MERGED_CUBE", "1")
+    try:
+        with env_set("SPARSE_VDIT_MERGED_CUBE", "0"):
+            raise RuntimeError("a failing timing")
+    except RuntimeError:
+        pass
+    assert os.environ["SPARSE_VDIT_MERGED_CUBE"] == "1"
