@@ -66,7 +66,7 @@ def _autotune_configs() -> list:
 def _prune_configs(configs, named_args, **kwargs) -> list:
     """TMA configs only when the call has descriptors; merged cube-order walks only when cube-order
     heads read copies (has_cube_copies 1), and then nothing else under SPARSE_VDIT_MERGED_CUBE=only
-(has_cube_copies 2)."""
+    (has_cube_copies 2)."""
     only = named_args["has_cube_copies"] == 2
     return [c for c in configs if (named_args["has_desc"] or not c.kwargs["USE_TMA"])
             and (named_args["has_cube_copies"] or not c.kwargs["MERGED_CUBE"])
@@ -83,16 +83,28 @@ def _divmod(x, d, inv_d):
 
 
 @triton.jit
+def _cube_grid_index(p, prefix, N, cube_map):
+    """Cube order: grid index of each physical position's token (0 off the grid)."""
+    g = p - prefix
+    on_grid = (g >= 0) & (g < N)
+    return tl.load(cube_map + tl.where(on_grid, g, 0), mask=on_grid, other=0)
+
+
+@triton.jit
+def _from_cube_grid_index(p, lg, prefix, N):
+    """Cube order: logical token index of each physical position from its `_cube_grid_index`."""
+    g = p - prefix
+    return tl.where((g >= 0) & (g < N), prefix + lg, p)
+
+
+@triton.jit
 def _to_logical(p, order, prefix, F, P, N, inv_F, cube_map):
     """Physical positions -> logical token indices: space-major heads permute the grid
     arithmetically, cube-order heads through the `cube_map` lookup table, frame-major heads are the
     identity. Each branch computes its own grid test, so no boolean lives across the branches (the
     compiler would pack and unpack it bit by bit)."""
     if order == 2:
-        g = p - prefix
-        on_grid = (g >= 0) & (g < N)
-        lg = tl.load(cube_map + tl.where(on_grid, g, 0), mask=on_grid, other=0)
-        lk = tl.where(on_grid, prefix + lg, p)
+        lk = _from_cube_grid_index(p, _cube_grid_index(p, prefix, N, cube_map), prefix, N)
     elif order == 1:
         g = p - prefix
         on_grid = (g >= 0) & (g < N)
@@ -296,14 +308,6 @@ def _next_tile(RUNS, r, kt, hi, full, run_hi):
 
 
 @triton.jit
-def _cube_grid_index(p, prefix, N, cube_map):
-    """Cube order: grid index of each physical position's token (0 off the grid)."""
-    g = p - prefix
-    on_grid = (g >= 0) & (g < N)
-    return tl.load(cube_map + tl.where(on_grid, g, 0), mask=on_grid, other=0)
-
-
-@triton.jit
 def _attend_cube_runs_tma(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile, desc_k, desc_v, row, cube_map,
                           prefix, P, W, N, kv_end, qk_scale, inv_P, inv_W, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -323,7 +327,7 @@ def _attend_cube_runs_tma(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut
         p = kt * BLOCK_N + offs_n
         bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if (full == 0) | (kt >= first_cut_tile):
-            lk = tl.where((p >= prefix) & (p < prefix + N), prefix + lg, p)
+            lk = _from_cube_grid_index(p, lg, prefix, N)
             bias = _masked_scores(bias, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end)
         k = desc_k.load([row + kt * BLOCK_N, 0])
         s = tl.dot(q, tl.trans(k), bias, input_precision=PRECISION)
@@ -422,7 +426,7 @@ def _sparse_attention_fwd(
 
     run_lo = tl.load(ROW_PTR + row_base + pid_m)
     run_hi = tl.load(ROW_PTR + row_base + pid_m + 1)
-    if MERGED_CUBE and order == 2 and n_slots > 0:  # MERGED_CUBE is compile-time, and only with TMA
+    if MERGED_CUBE and order == 2:  # MERGED_CUBE is compile-time, tuned only when cube-order heads have copies
         s_row = ((b * n_slots + tl.load(SLOT + h)) * L).to(tl.int32)
         acc, m_i, l_i = _attend_cube_runs_tma(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut_tile, DESC_KS,
                                               DESC_VS, s_row, CUBE_MAP, prefix, P, W, N, kv_end, qk_scale, inv_P,
