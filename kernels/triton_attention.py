@@ -63,6 +63,36 @@ def _autotune_configs() -> list:
                for w, s in gathered_pairs])
 
 
+def tuning_repeats(estimate_ms: float, budget_ms: float = 100.0, least: int = 5, most: int = 100) -> int:
+    """How many timed calls the autotuner takes of a config whose one call took `estimate_ms`:
+    enough to fill `budget_ms`, but never fewer than `least` (Triton's default fills 100 ms too, so
+    it times a config of more than 100 ms once, and a one-sample choice flips between runs)."""
+    if not estimate_ms > 0:
+        return most
+    return max(least, min(most, math.ceil(budget_ms / estimate_ms)))
+
+
+def _time_config(kernel_call, quantiles) -> list[float]:
+    """The autotuner's timer: one call to warm up, one to estimate, then `tuning_repeats` calls
+    timed one by one with CUDA events; returns those times' `quantiles` (ms; the autotuner asks for
+    the median first)."""
+    kernel_call()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(101)]
+    events[0][0].record()
+    kernel_call()
+    events[0][1].record()
+    torch.cuda.synchronize()
+    n = tuning_repeats(events[0][0].elapsed_time(events[0][1]))
+    for start, end in events[1:n + 1]:
+        start.record()
+        kernel_call()
+        end.record()
+    torch.cuda.synchronize()
+    times = torch.tensor([start.elapsed_time(end) for start, end in events[1:n + 1]])
+    return [float(torch.quantile(times, q)) for q in quantiles]
+
+
 def _prune_configs(configs, named_args, **kwargs) -> list:
     """TMA configs only when the call has descriptors; merged cube-order walks only when cube-order
     heads read copies (has_cube_copies 1), and then nothing else under SPARSE_VDIT_MERGED_CUBE=only
@@ -347,7 +377,7 @@ def _attend_cube_runs_tma(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut
                  key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "work_bucket", "density_bucket", "has_desc",
                       "has_cube_copies"],
                  prune_configs_by={"early_config_prune": _prune_configs},
-                 cache_results=True)
+                 do_bench=_time_config, cache_results=True)
 @triton.jit(do_not_specialize=["n_active", "work_bucket", "has_cube_copies"])  # one binary whatever the head mix
 def _sparse_attention_fwd(
     Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN, CUBE_MAP, DESC_K, DESC_V, DESC_KS, DESC_VS, SLOT,

@@ -393,6 +393,16 @@ def test_packed_codes_fit_32_bits_up_to_the_length_limit():
         box_layouts(1 << 12, 1 << 12, 1 << 12)
 
 
+def test_autotuner_times_every_config_at_least_five_times():
+    # Triton's default timer fills 100 ms, so it times a 150 ms config once; ours never fewer than 5
+    from sparse_vdit.kernels import triton_attention as TA
+
+    assert TA._sparse_attention_fwd.do_bench is TA._time_config
+    assert [TA.tuning_repeats(ms) for ms in (150.0, 25.0, 19.9, 1.0, 0.5, 0.01)] == [5, 5, 6, 100, 100, 100]
+    assert TA.tuning_repeats(0.0) == TA.tuning_repeats(float("nan")) == 100  # a zero estimate: the most
+    assert TA.tuning_repeats(30.0, budget_ms=300.0, least=3, most=8) == 8
+
+
 def test_cube_order_walk_is_tuned_only_where_cube_heads_read_copies(monkeypatch):
     # the autotuner times the merged cube-order walk only for launches with cube-order heads reading
     # copies (and TMA descriptors); the interpreter runs the walk the launch allows

@@ -79,3 +79,18 @@ def _check_layer(geom, head_dim, layout):
                 continue
             err = ((got[h] - want[h]).norm() / want[h].norm()).item()
             assert err <= 1e-2, f"sample {b} head {h}: rel err {err}"
+
+
+def test_autotune_timer_returns_the_asked_quantiles_of_real_launches():
+    from sparse_vdit.kernels import triton_attention as TA
+
+    x = torch.randn(4096, 4096, device="cuda")
+    calls = []
+
+    def call():
+        calls.append(1)
+        x @ x
+
+    low, median, high = TA._time_config(call, quantiles=(0.2, 0.5, 0.8))
+    assert 0 < low <= median <= high
+    assert 2 + 5 <= len(calls) <= 2 + 100  # warm-up, estimate, then 5 to 100 timed calls
