@@ -94,6 +94,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tiles", default="128x64")
     parser.add_argument("--warps", type=int, default=8)
     parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--maxnreg", type=int, help="cap the registers per thread (a config's maxnreg)")
     parser.add_argument("--no-tma", action="store_true", help="the gathered-load kernel (pre-Hopper path)")
     parser.add_argument("--merged-cube", action="store_true",
                         help="with the merged run walk of cube-order heads (an autotuned TMA variant)")
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
     block_m, block_n = (int(x) for x in args.tiles.split("x"))
     tma = not args.no_tma and args.arch >= 90
     kernel = compile_for_target(args.arch, args.head_dim, block_m, block_n, tma, args.warps, args.stages,
-                                merged_cube=args.merged_cube and tma)
+                                merged_cube=args.merged_cube and tma, maxnreg=args.maxnreg)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
@@ -113,7 +114,8 @@ def main(argv=None) -> None:
                                text=True, check=True).stdout
     resources = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     lines = [f"sm_{args.arch}, head_dim {args.head_dim}, tiles {args.tiles}, {args.warps} warps x "
-             f"{args.stages} stages, TMA {'on' if tma else 'off'}: {resources.group(1)} registers, "
+             f"{args.stages} stages{f', maxnreg {args.maxnreg}' if args.maxnreg else ''}, "
+             f"TMA {'on' if tma else 'off'}: {resources.group(1)} registers, "
              f"{resources.group(2)} B stack, {kernel.metadata.shared} B shared memory",
              "",
              "| k-tile loop | instructions | MMA | TMA loads | other global loads | score selects | spills | top opcodes |",

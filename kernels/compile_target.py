@@ -12,11 +12,12 @@ _FLOATS = {"inv_F", "inv_W", "inv_P", "qk_scale"}
 
 def compile_for_target(arch: int, head_dim: int, block_m: int, block_n: int, use_tma: bool, warps: int,
                        stages: int, descriptors: bool | None = None, kv_len: bool = True,
-                       merged_cube: bool = False):
+                       merged_cube: bool = False, maxnreg: int | None = None):
     """The Triton CompiledKernel of `_sparse_attention_fwd` for sm_`arch` (bf16, one autotune
     config), with the divisibility hints a real launch gets (16-aligned pointers and strides).
     `descriptors` (default: use_tma) says whether the K/V arguments are TMA descriptors;
-    `merged_cube` compiles the merged run walk of cube-order heads (needs use_tma)."""
+    `merged_cube` compiles the merged run walk of cube-order heads (needs use_tma); `maxnreg` caps
+    the registers per thread as an autotune config's `maxnreg` does."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -46,4 +47,4 @@ def compile_for_target(arch: int, head_dim: int, block_m: int, block_n: int, use
     source = ASTSource(fn=fn, signature=signature, attrs=aligned,
                        constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": warps, "num_stages": stages})
+                          options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})

@@ -48,19 +48,32 @@ if _INTERPRET:
     _fix_interpreter_scalar_index()
 
 
+def _parse_configs(text: str) -> tuple:
+    """(warps, stages, maxnreg or None) triples from "8x3,8x3r128" (rR caps registers per thread)."""
+    triples = []
+    for c in text.split(","):
+        pair, _, regs = c.partition("r")
+        warps, stages = (int(x) for x in pair.split("x"))
+        triples.append((warps, stages, int(regs) if regs else None))
+    return tuple(triples)
+
+
 def _autotune_configs() -> list:
-    """Load path (TMA descriptors or gathered loads) x warps x stages to tune over, and with TMA
-    how cube-order heads walk their runs (MERGED_CUBE, see `_attend_cube_runs_tma`);
-    SPARSE_VDIT_TRITON_CONFIGS="8x3,8x2" narrows warps x stages. (The interpreter bypasses the
-    autotuner: `launch_sparse_attention` runs the load path the call has descriptors for.)"""
-    tma_pairs, gathered_pairs = ((8, 2), (8, 3), (8, 4), (4, 3)), ((8, 2), (8, 3))
+    """Load path (TMA descriptors or gathered loads) x warps x stages (x a register cap) to tune
+    over, and with TMA how cube-order heads walk their runs (MERGED_CUBE, see
+    `_attend_cube_runs_tma`). 8 warps at 255 registers a thread fill an SM's register file, so one
+    CTA runs per SM and each q-tile's prologue, epilogue and pipeline fills are exposed; capped at
+    128 (d = 64 only, see `_prune_configs`), two CTAs share an SM. SPARSE_VDIT_TRITON_CONFIGS="8x3,8x3r128"
+    narrows the choice. (The interpreter bypasses the autotuner: `launch_sparse_attention` runs the
+    load path the call has descriptors for.)"""
+    tma, gathered = ((8, 2, None), (8, 3, None), (8, 4, None), (4, 3, None), (8, 3, 128)), ((8, 2, None), (8, 3, None))
     chosen = os.environ.get("SPARSE_VDIT_TRITON_CONFIGS")
     if chosen:
-        tma_pairs = gathered_pairs = tuple(tuple(int(x) for x in c.split("x")) for c in chosen.split(","))
-    return ([triton.Config({"USE_TMA": True, "MERGED_CUBE": m}, num_warps=w, num_stages=s)
-             for m in (False, True) for w, s in tma_pairs]
-            + [triton.Config({"USE_TMA": False, "MERGED_CUBE": False}, num_warps=w, num_stages=s)
-               for w, s in gathered_pairs])
+        tma = gathered = _parse_configs(chosen)
+    return ([triton.Config({"USE_TMA": True, "MERGED_CUBE": m}, num_warps=w, num_stages=s, maxnreg=r)
+             for m in (False, True) for w, s, r in tma]
+            + [triton.Config({"USE_TMA": False, "MERGED_CUBE": False}, num_warps=w, num_stages=s, maxnreg=r)
+               for w, s, r in gathered])
 
 
 def tuning_repeats(estimate_ms: float, budget_ms: float = 100.0, least: int = 5, most: int = 100) -> int:
@@ -96,11 +109,14 @@ def _time_config(kernel_call, quantiles) -> list[float]:
 def _prune_configs(configs, named_args, **kwargs) -> list:
     """TMA configs only when the call has descriptors; merged cube-order walks only when cube-order
     heads read copies (has_cube_copies 1), and then nothing else under SPARSE_VDIT_MERGED_CUBE=only
-    (has_cube_copies 2)."""
+    (has_cube_copies 2); register caps only at head_dim 64 (at 128 a CTA needs 132 KB of shared
+    memory at 3 stages, so two never share an SM, and the cap only adds spills)."""
     only = named_args["has_cube_copies"] == 2
-    return [c for c in configs if (named_args["has_desc"] or not c.kwargs["USE_TMA"])
+    kept = [c for c in configs if (named_args["has_desc"] or not c.kwargs["USE_TMA"])
             and (named_args["has_cube_copies"] or not c.kwargs["MERGED_CUBE"])
             and (c.kwargs["MERGED_CUBE"] or not only)]
+    uncapped = [c for c in kept if c.maxnreg is None]
+    return kept if kwargs.get("HEAD_DIM") == 64 or not uncapped else uncapped
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 """bench/kernel_sass.py: loop finding on a disassembly, and the real kernel's k-tile loops."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -39,9 +40,12 @@ def test_loops_are_the_innermost_mma_loops_with_their_counts():
     assert (second["mma"], second["score_selects"], second["spills"]) == (1, 0, 1)
 
 
-def test_the_kernel_has_full_and_masked_loops_per_load_path():
+@pytest.mark.parametrize("cap", [None, 128], ids=["uncapped", "maxnreg128"])
+def test_the_kernel_has_full_and_masked_loops_per_load_path(cap):
+    # also under the autotuner's register cap at d = 64 (two CTAs an SM), which must hold
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "sparse_vdit.bench.kernel_sass", "--head-dim", "64"], env=env,
+    run = subprocess.run([sys.executable, "-m", "sparse_vdit.bench.kernel_sass", "--head-dim", "64"]
+                         + (["--maxnreg", str(cap)] if cap else []), env=env,
                          capture_output=True, text=True, timeout=600)
     if run.returncode and "not found" in run.stderr:
         pytest.skip("no ptxas / nvdisasm in this Triton install")
@@ -53,3 +57,5 @@ def test_the_kernel_has_full_and_masked_loops_per_load_path():
         (True, False), (True, True), (True, False), (True, True), (False, False), (False, True)]
     full, masked = loops[0]["n"], loops[1]["n"]
     assert full < masked and all(lp["mma"] == loops[0]["mma"] for lp in loops)
+    registers = int(re.search(r"(\d+) registers", run.stdout).group(1))
+    assert registers <= (cap or 255)

@@ -417,6 +417,18 @@ def test_cube_order_walk_is_tuned_only_where_cube_heads_read_copies(monkeypatch)
     assert not any(c.kwargs["MERGED_CUBE"] and not c.kwargs["USE_TMA"] for c in configs)
     kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 2})  # SPARSE_VDIT_MERGED_CUBE=only
     assert kept and all(c.kwargs["MERGED_CUBE"] for c in kept)
+    # the register cap (two CTAs an SM) is tuned at head_dim 64 only, with TMA and both walks
+    for head_dim, capped in ((64, True), (128, False)):
+        kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 1}, HEAD_DIM=head_dim)
+        assert any(c.maxnreg == 128 for c in kept) == capped and any(c.maxnreg is None for c in kept)
+    assert {c.kwargs["MERGED_CUBE"] for c in configs if c.maxnreg} == {False, True}
+    assert not any(c.maxnreg and not c.kwargs["USE_TMA"] for c in configs)
+    assert TA._parse_configs("8x3,4x2r96") == ((8, 3, None), (4, 2, 96))
+    monkeypatch.setenv("SPARSE_VDIT_TRITON_CONFIGS", "8x3r128")  # only capped configs asked for: kept at d = 128
+    capped_only = TA._autotune_configs()
+    assert capped_only and all(c.maxnreg == 128 for c in capped_only)
+    assert TA._prune_configs(capped_only, {"has_desc": 1, "has_cube_copies": 0}, HEAD_DIM=128)
+    monkeypatch.delenv("SPARSE_VDIT_TRITON_CONFIGS")
     launched = []
     original = TA._sparse_attention_fwd.fn
 
