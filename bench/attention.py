@@ -35,6 +35,7 @@ import triton
 
 from ..kernels import rule as R
 from ..kernels import rule_mask
+from ..kernels.triton_attention import tuned_config_name
 from ..strategies.geometry import VideoGeometry
 from ..strategies.patterns import FAMILIES, Dense, Skip, pattern_for_density
 from ..strategies.plan import clear_plans, compile_layer, full_tiles, visited_tiles
@@ -286,7 +287,7 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
         out = dense_plan.run(q, k, v)
         dense_ms = time_ms(lambda: dense_plan.run(q, k, v))
         add("ours dense" + tag, dense_ms, 1.0, dense_plan.tile_density,
-            err=rel_err(out, dense_ref) if dense_ref is not None else None)
+            err=rel_err(out, dense_ref) if dense_ref is not None else None, note=tuned_config_name())
         configs = [(f"{fam} {d:g}", (pattern_for_density(fam, d, geom),) * H)
                    for fam in families for d in densities]
         if tuple(families) == tuple(FAMILIES):
@@ -299,7 +300,7 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
             out = plan.run(q, k, v, dense=sdpa)  # as the engine runs it: a mixed layer's dense heads on SDPA
             ms = time_ms(lambda: plan.run(q, k, v, dense=sdpa))
             err = sampled_error(out, q, k, v, plan.head_rules, geom)
-            flex_ms, note = None, f"plan {compile_s * 1e3:.0f} ms; {tile_summary(plan.tables)}"
+            flex_ms, note = None, f"plan {compile_s * 1e3:.0f} ms; {tile_summary(plan.tables)}; {tuned_config_name()}"
             if name != "mixed layer":
                 note += f"; {patterns[0]}"
             if flex is not None:
@@ -319,7 +320,7 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
                     err = sampled_error(plan.run(q, k, v, dense=sdpa), q, k, v, plan.head_rules, geom)
                     ms = time_ms(lambda: plan.run(q, k, v, dense=sdpa))
                 add(f"{name}{tag} [{walk}]", ms, token_density, plan.tile_density, err=err,
-                    efficiency=token_density * dense_ms / ms)
+                    note=tuned_config_name(), efficiency=token_density * dense_ms / ms)
         clear_plans()
     del q, k, v
     torch.cuda.empty_cache()

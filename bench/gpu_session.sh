@@ -2,7 +2,7 @@
 # One lent-H200 call that refreshes the benchmarks not yet measured (BENCHMARKS.md, "Next GPU
 # session"), each step time-boxed so a slow one cannot eat the others; logs and tables under $OUT.
 # Run from the repository root with the diffusers wheel in .whl/ (carry .whl):
-#   bash bench/gpu_session.sh [attention engine tma e2e search quality parity]
+#   bash bench/gpu_session.sh [attention engine tma profile e2e search quality parity]
 set -uo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -14,7 +14,8 @@ for step in ${steps[*]}; do
   case $step in
     attention) timeout 150 python3 -m sparse_vdit.bench.attention --quick --out "$OUT" ;;
     engine)    # GPU kernel tests, then every family at the two shapes with all dense baselines (~500 s)
-               timeout "${GPU_TEST_SECONDS:-200}" python3 -m pytest -q tests/gpu
+               # (one config per key: the tests check results, and tuning every key ran past 180 s)
+               SPARSE_VDIT_TRITON_CONFIGS=8x3 timeout "${GPU_TEST_SECONDS:-200}" python3 -m pytest -q tests/gpu
                timeout "${ENGINE_SECONDS:-300}" python3 -m sparse_vdit.bench.attention --shapes cogvideox,wan14b \
                  --densities 0.1,0.3,0.5 --baselines "${ENGINE_BASELINES:-cudnn,flash,sage}" --flex-shapes wan14b \
                  --cube-walks --out "$OUT/engine" ;;
@@ -24,6 +25,16 @@ for step in ${steps[*]}; do
                    --densities 0.1,0.3 --families diagonal,local_window --baselines cudnn --flex-shapes "" \
                    --tiles "$([ $tma = 1 ] && echo 128x64,128x128 || echo 128x64)" --out "$OUT/tma$tma"
                done ;;
+    profile)   # head_dim 64 at low density: each config alone (4 x ~50 s), then hardware counters of the
+               # autotuned launches (bench/profile_layer.py; ncu reads counters on Firecracker machines)
+               for cfg in 8x3 8x3r128 8x2 4x3; do
+                 SPARSE_VDIT_TRITON_CONFIGS=$cfg timeout 90 python3 -m sparse_vdit.bench.attention --shapes cogvideox \
+                   --densities 0.1 --families diagonal,vertical_stripe,multi_diagonal --baselines none \
+                   --flex-shapes "" --out "$OUT/profile_$cfg"
+               done
+               timeout "${NCU_SECONDS:-150}" ncu --clock-control none --nvtx --nvtx-include "profile/" \
+                 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+                 python3 -m sparse_vdit.bench.profile_layer --shape cogvideox ;;
     e2e)       timeout "${E2E_SECONDS:-300}" python3 -m sparse_vdit.bench.e2e --models "${E2E_MODELS:-hunyuan,cogvideox,wan13b}" \
                  --out "$OUT/e2e.md" ;;
     search)    timeout "${SEARCH_SECONDS:-120}" python3 -m sparse_vdit.bench.search --out "$OUT/search.md" ;;
@@ -33,7 +44,7 @@ for step in ${steps[*]}; do
                PYTHONPATH=$PYTHONPATH:$PWD/.comfy/ComfyUI COMFYUI_ROOT=$PWD/.comfy/ComfyUI timeout "${PARITY_SECONDS:-280}" \
                  python3 -m sparse_vdit.bench.comfyui_parity --model wan13b --repeats 5 --warmup 2 \
                  --budget "${PARITY_BUDGET:-170}" --out "$OUT/comfyui_parity.md" ;;
-    *) echo "unknown step $step (attention engine tma e2e search quality parity)"; exit 2 ;;
+    *) echo "unknown step $step (attention engine tma profile e2e search quality parity)"; exit 2 ;;
   esac 2>&1 | tee "$OUT/$step.log" | grep -E "^\||rror" || true
 done
 # at most 8 files come back: everything goes home as one archive

@@ -106,6 +106,18 @@ def _time_config(kernel_call, quantiles) -> list[float]:
     return [float(torch.quantile(times, q)) for q in quantiles]
 
 
+def tuned_config_name() -> str:
+    """The config the autotuner ran last, as "8x3 TMA merged r128" (warps x stages, load path, cube-order
+    walk, register cap), or "" before any tuned launch; benchmarks note it next to each row."""
+    config = getattr(_sparse_attention_fwd, "best_config", None)
+    if config is None:
+        return ""
+    return " ".join(filter(None, (f"{config.num_warps}x{config.num_stages}",
+                                  "TMA" if config.kwargs.get("USE_TMA") else "gathered",
+                                  "merged" if config.kwargs.get("MERGED_CUBE") else "",
+                                  f"r{config.maxnreg}" if config.maxnreg else "")))
+
+
 def _prune_configs(configs, named_args, **kwargs) -> list:
     """TMA configs only when the call has descriptors; merged cube-order walks only when cube-order
     heads read copies (has_cube_copies 1), and then nothing else under SPARSE_VDIT_MERGED_CUBE=only

@@ -403,6 +403,19 @@ def test_autotuner_times_every_config_at_least_five_times():
     assert TA.tuning_repeats(30.0, budget_ms=300.0, least=3, most=8) == 8
 
 
+def test_tuned_config_name_says_warps_stages_path_walk_and_cap(monkeypatch):
+    from sparse_vdit.kernels import triton_attention as TA
+
+    monkeypatch.setattr(TA._sparse_attention_fwd, "best_config", None, raising=False)
+    assert TA.tuned_config_name() == ""
+    for config, name in ((triton.Config({"USE_TMA": True, "MERGED_CUBE": True}, num_warps=8, num_stages=3,
+                                        maxnreg=128), "8x3 TMA merged r128"),
+                         (triton.Config({"USE_TMA": False, "MERGED_CUBE": False}, num_warps=4, num_stages=2),
+                          "4x2 gathered")):
+        monkeypatch.setattr(TA._sparse_attention_fwd, "best_config", config, raising=False)
+        assert TA.tuned_config_name() == name
+
+
 def test_cube_order_walk_is_tuned_only_where_cube_heads_read_copies(monkeypatch):
     # the autotuner times the merged cube-order walk only for launches with cube-order heads reading
     # copies (and TMA descriptors); the interpreter runs the walk the launch allows

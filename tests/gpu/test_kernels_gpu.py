@@ -50,6 +50,21 @@ def test_merged_cube_walk_matches_float32(head_dim, layout, monkeypatch):
     _check_layer(GEOMS[2], head_dim, layout)
 
 
+@pytest.mark.parametrize("merged", ["0", "only"])
+def test_register_capped_config_matches_float32(merged, monkeypatch):
+    # the autotuner may never pick the d = 64 config capped at 128 registers (it spills): force it,
+    # with each cube-order walk
+    from sparse_vdit.kernels import triton_attention as TA
+
+    monkeypatch.setenv("SPARSE_VDIT_TRITON_CONFIGS", "8x3r128")
+    capped = TA._autotune_configs()
+    monkeypatch.setattr(TA._sparse_attention_fwd, "configs", capped)
+    monkeypatch.setattr(TA._sparse_attention_fwd, "cache", {})
+    monkeypatch.setenv("SPARSE_VDIT_MERGED_CUBE", merged)
+    _check_layer(GEOMS[2], 64, "blhd")
+    assert TA._sparse_attention_fwd.best_config.maxnreg == 128
+
+
 def _check_layer(geom, head_dim, layout):
     """Every head of `_layer_rules` in bf16 against float32 on 384 sampled query rows."""
     prefix, F, H, W, suffix = geom
