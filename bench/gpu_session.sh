@@ -25,12 +25,13 @@ for step in ${steps[*]}; do
                    --densities 0.1,0.3 --families diagonal,local_window --baselines cudnn --flex-shapes "" \
                    --tiles "$([ $tma = 1 ] && echo 128x64,128x128 || echo 128x64)" --out "$OUT/tma$tma"
                done ;;
-    profile)   # head_dim 64 at low density: each config alone (4 x ~50 s), then hardware counters of the
+    profile)   # head_dim 64 at low density: each config alone, then 64x64 tiles (5 x ~60 s), then counters of the
                # autotuned launches (bench/profile_layer.py; ncu reads counters on Firecracker machines)
-               for cfg in 8x3 8x3r128 8x2 4x3; do
-                 SPARSE_VDIT_TRITON_CONFIGS=$cfg timeout 90 python3 -m sparse_vdit.bench.attention --shapes cogvideox \
-                   --densities 0.1 --families diagonal,vertical_stripe,multi_diagonal --baselines none \
-                   --flex-shapes "" --out "$OUT/profile_$cfg"
+               for cfg in 8x3 8x3r128 8x2 4x3 64x64tiles; do
+                 tiles=$([ $cfg = 64x64tiles ] && echo 64x64 || echo 128x64)
+                 SPARSE_VDIT_TRITON_CONFIGS=$([ $cfg = 64x64tiles ] || echo $cfg) timeout 90 python3 -m sparse_vdit.bench.attention \
+                   --shapes cogvideox --densities 0.1 --families diagonal,vertical_stripe,multi_diagonal --tiles $tiles \
+                   --baselines none --flex-shapes "" --out "$OUT/profile_$cfg"
                done
                timeout "${NCU_SECONDS:-150}" ncu --clock-control none --nvtx --nvtx-include "profile/" \
                  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
