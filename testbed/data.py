@@ -119,6 +119,16 @@ def word_embedding(word: str) -> torch.Tensor:
     return torch.randn(TEXT_DIM, generator=generator)
 
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """`x` (drawn on the CPU) on `device`; to a GPU through pinned memory without blocking, so the
+    host queues the next training step instead of waiting for the GPU to drain (a pageable copy
+    waits for every kernel queued before it)."""
+    device = torch.device(device)
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def prompt_embeddings(prompts: Sequence[Prompt | str], device="cpu") -> torch.Tensor:
     """Conditioning `[B, TEXT_TOKENS, TEXT_DIM]` float32: word vectors then zeros; '' is all zeros."""
     out = torch.zeros(len(prompts), TEXT_TOKENS, TEXT_DIM)
@@ -127,7 +137,7 @@ def prompt_embeddings(prompts: Sequence[Prompt | str], device="cpu") -> torch.Te
             continue
         for j, word in enumerate(as_prompt(prompt).text.split()):
             out[i, j] = word_embedding(word)
-    return out.to(device)
+    return to_device(out, device)
 
 
 def _uniform(generator: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
@@ -221,7 +231,7 @@ def render_videos(prompts: Sequence[Prompt | str], generator: torch.Generator, d
     screen = position - camera
 
     def to(x: torch.Tensor) -> torch.Tensor:
-        return x.to(device)
+        return to_device(x, device)
 
     pix = torch.arange(SIZE, dtype=torch.float32, device=device)
     ys, xs = pix.view(1, 1, SIZE, 1), pix.view(1, 1, 1, SIZE)

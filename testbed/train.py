@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .data import prompt_embeddings, training_batch
+from .data import prompt_embeddings, to_device, training_batch
 from .model import FLOW_SHIFT, build_model, load_testbed, save_testbed
 
 LOSS_COLUMNS = ["step", "seconds", "loss", "lr", "stage"]
@@ -52,8 +52,8 @@ def shifted_sigmas(u: torch.Tensor, shift: float = FLOW_SHIFT) -> torch.Tensor:
 def flow_matching_loss(model, videos: torch.Tensor, context: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mean squared error of the predicted velocity (noise - x0) at random shifted sigmas."""
     batch = videos.shape[0]
-    u = torch.rand(batch, generator=generator).to(videos.device)
-    noise = torch.randn(videos.shape, generator=generator).to(videos.device)
+    u = to_device(torch.rand(batch, generator=generator), videos.device)
+    noise = to_device(torch.randn(videos.shape, generator=generator), videos.device)
     sigma = shifted_sigmas(u).view(batch, 1, 1, 1, 1)
     noisy = (1 - sigma) * videos + sigma * noise
     prediction = model(hidden_states=noisy, timestep=sigma.flatten() * 1000, encoder_hidden_states=context, return_dict=False)[0]
@@ -224,10 +224,10 @@ def train(
             optimizer.step()
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, params, 1 - (ema_decay if step >= ema_start else 0.0))
-            running += loss.item()
+            running = running + loss.detach()  # no host sync per step: the next batch queues while this one runs
             step += 1
             if step % log_every == 0 or step == total:
-                row = [offset + step, round(time.perf_counter() - start, 2), running / (step % log_every or log_every),
+                row = [offset + step, round(time.perf_counter() - start, 2), float(running) / (step % log_every or log_every),
                        optimizer.param_groups[0]["lr"], stage]
                 writer.writerow(row)
                 handle.flush()
