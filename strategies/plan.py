@@ -23,8 +23,10 @@ ROW_BASE into it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +48,9 @@ PARTIAL_TILE_COST = 3.8
 
 # Largest number of (q-tile, k-tile) pairs the cube-order classifier compares at once.
 _PAIR_CHUNK = 1 << 20
+
+# Threads classifying a layer's new rules at once (each holds at most _PAIR_CHUNK pairs of flags).
+_CLASSIFY_THREADS = min(8, os.cpu_count() or 1)
 
 
 class _Intervals:
@@ -433,11 +438,24 @@ class TablePool:
         self._tensors = None
         self.cube_map: torch.Tensor | None = None  # int32 on the device once a rule runs in cube order
 
-    def add(self, rule: list[int]) -> tuple[int, int, int, float]:
-        """(order, row_base, visited tile count, tile_cost) of a non-skip rule; classified on first sight."""
+    def classify(self, rules: list[list[int]]) -> None:
+        """Classify the rules not seen yet, in threads (numpy releases the GIL in the large array
+        work of cube-order windows), and append them in the given order, so the pool's layout does
+        not depend on which thread finishes first."""
+        new = list({tuple(r[R.DIAG:]): r for r in rules if tuple(r[R.DIAG:]) not in self.entries}.values())
+        if len(new) < 2:
+            return
+        with concurrent.futures.ThreadPoolExecutor(min(len(new), _CLASSIFY_THREADS)) as pool:
+            classified = list(pool.map(lambda r: _choose_order(r, self.geom, self.block_m, self.block_n), new))
+        for rule, result in zip(new, classified):
+            self.add(rule, result)
+
+    def add(self, rule: list[int], classified=None) -> tuple[int, int, int, float]:
+        """(order, row_base, visited tile count, tile_cost) of a non-skip rule; classified on first
+        sight (or taken from `classified`, `_choose_order`'s result for it)."""
         key = tuple(rule[R.DIAG:])
         if key not in self.entries:
-            order, row_ptr, runs = _choose_order(rule, self.geom, self.block_m, self.block_n)
+            order, row_ptr, runs = classified or _choose_order(rule, self.geom, self.block_m, self.block_n)
             base = self._count_ptr - 1
             self._row_ptr.append(row_ptr[1:] + self._count_runs)
             self._runs.append(runs)
@@ -578,13 +596,14 @@ class LayerPlan:
 def _compile(patterns: tuple[Pattern, ...], geom: VideoGeometry, block_m: int, block_n: int,
              device: torch.device) -> LayerPlan:
     pool = table_pool(geom, block_m, block_n, device)
+    rules = {p: p.head_rule(geom) for p in patterns}
+    pool.classify([r for r in rules.values() if r[R.ORDER] != R.SKIP_HEAD])
     compiled: dict[Pattern, tuple[list[int], int, float]] = {}  # pattern -> (rule, visited tiles, cost)
-    for p in patterns:
-        if p not in compiled:
-            rule, tiles, cost = p.head_rule(geom), 0, 0.0
-            if rule[R.ORDER] != R.SKIP_HEAD:
-                rule[R.ORDER], rule[R.ROW_BASE], tiles, cost = pool.add(rule)
-            compiled[p] = (rule, tiles, cost)
+    for p, rule in rules.items():
+        tiles, cost = 0, 0.0
+        if rule[R.ORDER] != R.SKIP_HEAD:
+            rule[R.ORDER], rule[R.ROW_BASE], tiles, cost = pool.add(rule)
+        compiled[p] = (rule, tiles, cost)
     rules = [compiled[p][0] for p in patterns]
     active = sum(r[R.ORDER] != R.SKIP_HEAD for r in rules)
     all_tiles = active * _cdiv(geom.seq_len, block_m) * _cdiv(geom.seq_len, block_n)

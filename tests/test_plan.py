@@ -166,6 +166,25 @@ def test_compiled_layer_tables_order_choice_and_dedup():
     assert pool_bytes() == 0
 
 
+def test_threaded_classification_lays_out_the_pool_as_one_thread_does(monkeypatch):
+    # a layer's new rules are classified in threads; the pool must not depend on which finishes first
+    from sparse_vdit.strategies import plan as PL
+
+    g = VideoGeometry(5, 9, 11, prefix=4)
+    heads = (LocalWindow(1, 0.4, 0.3), Diagonal(0.3), MultiDiagonal(0.2), LocalWindow(2, 0.2, 0.5),
+             VerticalStripe(), Skip(), Diagonal(0.3), LocalWindow(0, 0.3, 0.3), Dense())
+    layouts = []
+    for threads in (1, 4):
+        monkeypatch.setattr(PL, "_CLASSIFY_THREADS", threads)
+        clear_plans()
+        tables = compile_layer(heads, g, 16, 16).tables
+        tables.validate(check_contents=True)
+        layouts.append((tables.head_rules.tolist(), tables.row_ptr.tolist(), tables.runs.tolist()))
+    assert layouts[0] == layouts[1]
+    assert len({r[ROW_BASE] for r in layouts[0][0] if r[ORDER] != SKIP_HEAD}) == 7  # distinct patterns
+    clear_plans()
+
+
 def test_all_skip_layer_has_zero_tile_density():
     plan = compile_layer((Skip(), Skip()), GEOMS[1], 16, 16)
     assert plan.tile_density == 0.0
