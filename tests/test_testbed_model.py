@@ -50,19 +50,34 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert all(a >= b for a, b in zip(mids, mids[1:]))
 
 
-def test_flow_matching_loss_is_the_velocity_mse():
+@pytest.mark.parametrize("shift", [None, 1.0, 5.0])
+def test_flow_matching_loss_is_the_velocity_mse(shift):
+    # at the sampler's shift by default, or at the training shift asked for (1: sigma = u)
     torch.manual_seed(0)
     model = M.build_model(tiny_config())
     videos = torch.rand(2, 3, 9, 32, 32) * 2 - 1
     context = torch.randn(2, 8, 4096)
-    loss = T.flow_matching_loss(model, videos, context, torch.Generator().manual_seed(3))
+    extra = () if shift is None else (shift,)
+    loss = T.flow_matching_loss(model, videos, context, torch.Generator().manual_seed(3), *extra)
     g = torch.Generator().manual_seed(3)
     u, noise = torch.rand(2, generator=g), torch.randn(videos.shape, generator=g)
-    sigma = (3 * u / (1 + 2 * u)).view(2, 1, 1, 1, 1)
+    s = 3.0 if shift is None else shift
+    sigma = (s * u / (1 + (s - 1) * u)).view(2, 1, 1, 1, 1)
     pred = model(hidden_states=(1 - sigma) * videos + sigma * noise, timestep=sigma.flatten() * 1000,
                  encoder_hidden_states=context, return_dict=False)[0]
     expected = ((pred.double() - (noise - videos).double()) ** 2).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_training_sigma_shift_reaches_the_loss_and_the_log(tmp_path, monkeypatch):
+    shifts = []
+    real_loss = T.flow_matching_loss
+    monkeypatch.setattr(T, "flow_matching_loss", lambda *a: shifts.append(a[4]) or real_loss(*a))
+    log = T.train(tmp_path, steps=2, batch=1, device="cpu", config=tiny_config(), warmup=1, sigma_shift=1.0)
+    assert shifts == [1.0, 1.0] and log["sigma_shift"] == 1.0
+    for bad in (0.0, -2.0, float("nan")):
+        with pytest.raises(ValueError, match="sigma_shift must be > 0"):
+            T.train(tmp_path / "bad", steps=1, device="cpu", config=tiny_config(), sigma_shift=bad)
 
 
 def test_training_writes_weights_curve_and_log(tiny_run):
