@@ -33,7 +33,9 @@ for step in ${steps[*]}; do
                    --shapes cogvideox --densities 0.1 --families diagonal,vertical_stripe,multi_diagonal --tiles $tiles \
                    --baselines none --flex-shapes "" --out "$OUT/profile_$cfg"
                done
-               timeout "${NCU_SECONDS:-150}" ncu --clock-control none --nvtx --nvtx-include "profile/" \
+               # (two configs only: every launch of the tuning runs under ncu's interception too)
+               SPARSE_VDIT_TRITON_CONFIGS=8x3,8x3r128 timeout "${NCU_SECONDS:-150}" ncu --clock-control none \
+                 --nvtx --nvtx-include "profile/" \
                  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                  python3 -m sparse_vdit.bench.profile_layer --shape cogvideox ;;
     e2e)       timeout "${E2E_SECONDS:-300}" python3 -m sparse_vdit.bench.e2e --models "${E2E_MODELS:-hunyuan,cogvideox,wan13b}" \
