@@ -4,6 +4,7 @@ a model holds (issue #2: one 40-head layer at ~120k tokens <= 50 ms; all plans o
 moves them to the GPU as a real run does.
 
     python3 -m sparse_vdit.bench.plan [--shape hunyuan] [--heads 40] [--layers 60] [--device cpu]
+        [--threads N] [--per-pattern]
 
 Rows, each from a cleared plan cache (single layers: the median of five compiles; the process's
 one-time cube-order map of the geometry is built before the first row):
@@ -20,6 +21,7 @@ import random
 import time
 
 from ..strategies.patterns import FAMILIES, pattern_for_density
+from ..strategies import plan as plan_module
 from ..strategies.plan import clear_plans, compile_layer, pool_bytes
 from ..strategies.search import candidate_set
 from .attention import SHAPES
@@ -60,18 +62,39 @@ def plan_rows(geometry, heads: int, layers: int, tiles=(128, 64), device="cpu", 
     return rows
 
 
+def pattern_rows(geometry, tiles=(128, 64), device="cpu") -> list[dict]:
+    """Each search candidate compiled alone from a cleared cache (median of five): name, ms."""
+    rows = []
+    for pattern in candidate_set(geometry, (0.05, 0.1, 0.2, 0.35)):
+        times = sorted(_timed([(pattern,)], geometry, tiles, device)[0] for _ in range(5))
+        rows.append(dict(pattern=str(pattern), ms=times[2] * 1e3))
+    clear_plans()
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="hunyuan", choices=sorted(SHAPES))
     parser.add_argument("--heads", type=int, default=40)
     parser.add_argument("--layers", type=int, default=60)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="threads classifying a layer's new rules")
+    parser.add_argument("--per-pattern", action="store_true", help="also time each search candidate alone")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        plan_module._CLASSIFY_THREADS = args.threads
     label, geometry, _, _ = SHAPES[args.shape]
-    print(f"{label}, L = {geometry.seq_len}, tiles 128x64, tables on {args.device}\n")
+    print(f"{label}, L = {geometry.seq_len}, tiles 128x64, tables on {args.device}, "
+          f"{plan_module._CLASSIFY_THREADS} classifying threads\n")
     print("| case | layers | distinct patterns | ms | table MB |\n|---|---|---|---|---|")
     for r in plan_rows(geometry, args.heads, args.layers, device=args.device):
         print(f"| {r['case']} | {r['layers']} | {r['distinct']} | {r['ms']:.0f} | {r['mb']:.1f} |")
+    if args.per_pattern:
+        print("\n| pattern (alone) | ms |\n|---|---|")
+        for r in pattern_rows(geometry, device=args.device):
+            print(f"| {r['pattern']} | {r['ms']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -89,20 +89,18 @@ def _time_config(kernel_call, quantiles) -> list[float]:
     """The autotuner's timer: one call to warm up, one to estimate, then `tuning_repeats` calls
     timed one by one with CUDA events; returns those times' `quantiles` (ms; the autotuner asks for
     the median first)."""
+    def timed_calls(n: int) -> torch.Tensor:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            start.record()
+            kernel_call()
+            end.record()
+        torch.cuda.synchronize()
+        return torch.tensor([start.elapsed_time(end) for start, end in events])
+
     kernel_call()
     torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(101)]
-    events[0][0].record()
-    kernel_call()
-    events[0][1].record()
-    torch.cuda.synchronize()
-    n = tuning_repeats(events[0][0].elapsed_time(events[0][1]))
-    for start, end in events[1:n + 1]:
-        start.record()
-        kernel_call()
-        end.record()
-    torch.cuda.synchronize()
-    times = torch.tensor([start.elapsed_time(end) for start, end in events[1:n + 1]])
+    times = timed_calls(tuning_repeats(float(timed_calls(1)[0])))
     return [float(torch.quantile(times, q)) for q in quantiles]
 
 

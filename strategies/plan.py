@@ -438,34 +438,32 @@ class TablePool:
         self._tensors = None
         self.cube_map: torch.Tensor | None = None  # int32 on the device once a rule runs in cube order
 
-    def classify(self, rules: list[list[int]]) -> None:
-        """Classify the rules not seen yet, in threads (numpy releases the GIL in the large array
-        work of cube-order windows), and append them in the given order, so the pool's layout does
-        not depend on which thread finishes first."""
+    def add(self, rules: list[list[int]]) -> list[tuple[int, int, int, float]]:
+        """(order, row_base, visited tile count, tile_cost) of each non-skip rule. Rules not seen
+        yet are classified, several at once in threads (numpy releases the GIL in the large array
+        work of cube-order windows), and appended in the given order, so the pool's layout does not
+        depend on which thread finishes first."""
         new = list({tuple(r[R.DIAG:]): r for r in rules if tuple(r[R.DIAG:]) not in self.entries}.values())
-        if len(new) < 2:
-            return
-        with concurrent.futures.ThreadPoolExecutor(min(len(new), _CLASSIFY_THREADS)) as pool:
-            classified = list(pool.map(lambda r: _choose_order(r, self.geom, self.block_m, self.block_n), new))
-        for rule, result in zip(new, classified):
-            self.add(rule, result)
 
-    def add(self, rule: list[int], classified=None) -> tuple[int, int, int, float]:
-        """(order, row_base, visited tile count, tile_cost) of a non-skip rule; classified on first
-        sight (or taken from `classified`, `_choose_order`'s result for it)."""
-        key = tuple(rule[R.DIAG:])
-        if key not in self.entries:
-            order, row_ptr, runs = classified or _choose_order(rule, self.geom, self.block_m, self.block_n)
+        def classify(rule):
+            return _choose_order(rule, self.geom, self.block_m, self.block_n)
+
+        if len(new) > 1:
+            with concurrent.futures.ThreadPoolExecutor(min(len(new), _CLASSIFY_THREADS)) as threads:
+                classified = list(threads.map(classify, new))
+        else:
+            classified = [classify(r) for r in new]
+        for rule, (order, row_ptr, runs) in zip(new, classified):
             base = self._count_ptr - 1
             self._row_ptr.append(row_ptr[1:] + self._count_runs)
             self._runs.append(runs)
             self._count_ptr += row_ptr.size - 1
             self._count_runs += runs.shape[0]
             self._tensors = None
-            self.entries[key] = (order, base, visited_tiles(runs), tile_cost(runs))
+            self.entries[tuple(rule[R.DIAG:])] = (order, base, visited_tiles(runs), tile_cost(runs))
             if order == R.CUBE and self.cube_map is None:
                 self.cube_map = torch.from_numpy(_cube_map(self.geom).astype(np.int32)).to(self.device)
-        return self.entries[key]
+        return [self.entries[tuple(r[R.DIAG:])] for r in rules]
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row_ptr int32, runs int32 [R, 3]) on the pool's device."""
@@ -596,13 +594,14 @@ class LayerPlan:
 def _compile(patterns: tuple[Pattern, ...], geom: VideoGeometry, block_m: int, block_n: int,
              device: torch.device) -> LayerPlan:
     pool = table_pool(geom, block_m, block_n, device)
-    rules = {p: p.head_rule(geom) for p in patterns}
-    pool.classify([r for r in rules.values() if r[R.ORDER] != R.SKIP_HEAD])
+    head_rule = {p: p.head_rule(geom) for p in patterns}  # one per distinct pattern
+    live = {p: r for p, r in head_rule.items() if r[R.ORDER] != R.SKIP_HEAD}
+    entries = dict(zip(live, pool.add(list(live.values()))))
     compiled: dict[Pattern, tuple[list[int], int, float]] = {}  # pattern -> (rule, visited tiles, cost)
-    for p, rule in rules.items():
+    for p, rule in head_rule.items():
         tiles, cost = 0, 0.0
-        if rule[R.ORDER] != R.SKIP_HEAD:
-            rule[R.ORDER], rule[R.ROW_BASE], tiles, cost = pool.add(rule)
+        if p in entries:
+            rule[R.ORDER], rule[R.ROW_BASE], tiles, cost = entries[p]
         compiled[p] = (rule, tiles, cost)
     rules = [compiled[p][0] for p in patterns]
     active = sum(r[R.ORDER] != R.SKIP_HEAD for r in rules)
