@@ -13,7 +13,8 @@ from sparse_vdit.kernels import (KernelTables, rule_mask, sparse_attention, spar
                                  supports, tables_from_rules)
 from sparse_vdit.kernels import rule as R
 from sparse_vdit.kernels.rule import make_rule
-from sparse_vdit.kernels.triton_attention import _box_pass, _divmod, box_layouts, launch_sparse_attention
+from sparse_vdit.kernels.triton_attention import (_box_pass, _divmod, _work_item, box_layouts,
+                                                  launch_sparse_attention)
 
 
 def random_rule(rng: random.Random, F: int, H: int, W: int, kind: str):
@@ -342,6 +343,37 @@ def test_kernel_index_division_is_exact(d):
     q, r = torch.empty_like(x), torch.empty_like(x)
     _divmod_kernel[(len(x) // 1024,)](x, q, r, d, 1.0 / d, BLOCK=1024)
     assert torch.equal(q, x // d) and torch.equal(r, x % d)
+
+
+@triton.jit
+def _work_item_kernel(TILE, HEAD, n_active, L, prefix, N, BLOCK_M: tl.constexpr):
+    pid = tl.program_id(0)
+    q_tile, head = _work_item(pid, n_active, L, prefix, N, BLOCK_M)
+    tl.store(TILE + pid, q_tile)
+    tl.store(HEAD + pid, head)
+
+
+@pytest.mark.parametrize("L, prefix, N, heads", [
+    (700, 226, 400, 3),   # text first (CogVideoX-like), a grid ending mid-tile, a suffix
+    (612, 0, 356, 2),     # text last (HunyuanVideo-like)
+    (512, 0, 512, 2),     # no text: plain q-tile order
+    (300, 130, 170, 4),   # no suffix, the grid ends inside the last tile
+    (90, 40, 20, 1),      # prefix and suffix tiles meet
+    (60, 10, 20, 2),      # one tile holds everything
+])
+def test_work_order_runs_text_tiles_first_and_covers_every_tile_once(L, prefix, N, heads):
+    block_m = 64
+    n_q = -(-L // block_m)
+    tile = torch.full((n_q * heads,), -1, dtype=torch.int32)
+    head = torch.full_like(tile, -1)
+    _work_item_kernel[(n_q * heads,)](tile, head, heads, L, prefix, N, BLOCK_M=block_m)
+    items = list(zip(tile.tolist(), head.tolist()))
+    assert sorted(items) == [(t, h) for t in range(n_q) for h in range(heads)]
+    has_text = [t * block_m < prefix or min((t + 1) * block_m, L) > prefix + N for t in range(n_q)]
+    text_first = [has_text[t] for t, _ in items]
+    assert text_first == sorted(text_first, reverse=True)
+    grid_items = [(h, t) for t, h in items if not has_text[t]]
+    assert grid_items == sorted(grid_items)  # each head's grid tiles in order, head after head
 
 
 @triton.jit
