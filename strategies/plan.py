@@ -6,15 +6,17 @@ order at spatial positions. For each segment every component of the head rule gi
 intervals, in physical order, that some query attends ("any") and that all its queries attend
 ("all"). A k-tile is visited when some segment's any-interval touches it (exact); it is full when
 it lies inside the merged all-intervals of every grid segment of the q-tile (conservative: a full
-tile marked partial is still exact, only slower). Key-only parts (non-grid keys, stripes) are
-per-key booleans counted per k-tile. Tile ranges are combined by sorted sweeps over their end
+tile marked partial is still exact, only slower). Key-only parts (non-grid keys, stripes) give
+each k-tile a code (from per-key booleans when stripes are on). Tile ranges are combined by sorted sweeps over their end
 points, so the cost grows with the number of intervals, never with L x L or tiles x tiles.
 
 Cube order (ORDER 2, windows) is classified per (q-tile, k-tile) pair instead: each tile's grid
 tokens span a box of frames, rows and columns, and a window attends some pair when the per-axis box
 distance is within its radii (exact for box-shaped tiles, a superset for tiles straddling cubes) and
-every pair when the per-axis largest distance is (conservative). Only k-tiles whose frames meet the
-q-tile's frames +- the frame radius are compared; pairs are processed in chunks.
+every pair when the per-axis largest distance is (conservative). Frames ascend in cube order, so
+the frame test is a range of k-tiles (a band) per q-tile; only the band's pairs are compared, in
+chunks. A pair's code (0 not visited, 1 partial, 2 full) is the largest of the window's, its
+k-tile's key-only code and its q-tile's non-grid-row code; the runs of one code are the table.
 
 Each distinct rule is classified once per (geometry, tiles, device) and its range-encoded runs are
 appended to one append-only pool shared by every head, layer and bucket; head rules carry
@@ -26,7 +28,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,15 +50,17 @@ PARTIAL_TILE_COST = 3.8
 # Largest number of (q-tile, k-tile) pairs the cube-order classifier compares at once.
 _PAIR_CHUNK = 1 << 20
 
-# Threads classifying a layer's new rules at once (each holds at most _PAIR_CHUNK pairs of flags).
-_CLASSIFY_THREADS = min(8, os.cpu_count() or 1)
+# Threads classifying a layer's new rules at once (each holds at most _PAIR_CHUNK pair codes).
+# One: a rule's classification is many short numpy calls, and threads hand the GIL over at each, so
+# two threads compiled a searched 720p layer slower than one on 2 cores (BENCHMARKS.md, plan compiler).
+_CLASSIFY_THREADS = 1
 
 
 class _Intervals:
     """Collects half-open key intervals [start, end) per segment (physical positions)."""
 
-    def __init__(self):
-        self.seg, self.start, self.end = [], [], []
+    def __init__(self, seg, start, end):
+        self.seg, self.start, self.end = [seg], [start], [end]
 
     def add(self, seg, start, end):
         seg, start, end = np.broadcast_arrays(seg, start, end)
@@ -67,20 +70,29 @@ class _Intervals:
         self.end.append(end[keep].ravel())
 
     def arrays(self):
-        if not self.seg:
-            return (np.zeros(0, np.int64),) * 3
         return tuple(np.concatenate(a).astype(np.int64) for a in (self.seg, self.start, self.end))
 
 
+@functools.lru_cache(maxsize=32)
 def _segments(geom: VideoGeometry, block_m: int, inner: int):
     """Grid segments [a0, a1) of physical grid positions, cut at q-tiles and at multiples of
-    `inner`; returns a0, a1 and each segment's q-tile."""
-    N = geom.grid_tokens
+    `inner`; returns a0, a1, each segment's q-tile and the (segment, start, end) intervals of every
+    rule: any (each query attends itself) and all (itself when alone, and the non-grid keys)."""
+    N, pre = geom.grid_tokens, geom.prefix
     nq = _cdiv(geom.seq_len, block_m)
-    cuts = np.union1d(np.arange(0, N + 1, inner),
-                      np.clip(np.arange(nq + 1, dtype=np.int64) * block_m - geom.prefix, 0, N))
+    cuts = np.concatenate([np.arange(0, N + 1, inner),
+                           np.clip(np.arange(nq + 1, dtype=np.int64) * block_m - pre, 0, N)])
+    cuts.sort(kind="stable")  # two sorted runs: merged
+    cuts = cuts[np.append(True, cuts[1:] != cuts[:-1])]
     a0, a1 = cuts[:-1], cuts[1:]
-    return a0, a1, (a0 + geom.prefix) // block_m
+    seg = np.arange(a0.size)
+    all_iv = _Intervals(seg[a1 - a0 == 1], a0[a1 - a0 == 1], a1[a1 - a0 == 1])
+    for start, end in ((-pre, 0), (N, geom.seq_len - pre)):  # non-grid keys, in grid coordinates
+        all_iv.add(seg, start, end)
+    out = (a0, a1, (a0 + pre) // block_m, (seg, a0, a1), all_iv.arrays())
+    for a in out[:3] + out[3] + out[4]:
+        a.flags.writeable = False  # cached: shared by every caller
+    return out
 
 
 def _strided(iv: _Intervals, for_all: bool, block_n: int, seg, first, j_lo, j_hi, lo, hi, stride):
@@ -159,19 +171,21 @@ def _merge_per_group(group, start, end):
 
 
 _CHANNEL = 1 << 31  # the sweep's second count rides in the high bits of one int64 sum
+_EVENT_WEIGHT = np.array([1, -1, _CHANNEL, -_CHANNEL])  # range start / end, first then second channel
 
 
 def _sweep(qt, lo, hi, second, nk):
     """Cover counts of tile ranges [lo, hi) per q-tile, in two channels (`second` marks ranges of
     the second): pieces (qt, start, end, first count, second count) of constant counts, sorted and
     non-empty, covering every position between a q-tile's first and last event."""
-    weight = np.where(np.broadcast_to(second, qt.shape), _CHANNEL, 1)
-    q, pos = np.concatenate([qt, qt]), np.concatenate([lo, hi])
-    idx = np.argsort(q * (nk + 1) + pos, kind="stable")
-    q, pos = q[idx], pos[idx]
-    counts = np.cumsum(np.concatenate([weight, -weight])[idx])
+    bits = int(nk).bit_length()  # positions 0..nk
+    start = ((qt.astype(np.int64) << bits) + lo) * 4 + np.where(second, 2, 0)  # event: (q, pos, kind)
+    events = np.concatenate([start, start + (hi - lo) * 4 + 1])
+    events.sort(kind="stable")  # timsort: sorted runs merge fast (equal events may come in any order)
+    counts = np.cumsum(_EVENT_WEIGHT[events & 3])
+    q, pos = events >> (bits + 2), events >> 2 & ((1 << bits) - 1)
     i = np.nonzero((q[1:] == q[:-1]) & (pos[1:] > pos[:-1]))[0]
-    return q[i], pos[i], pos[i + 1], counts[i] % _CHANNEL, counts[i] // _CHANNEL
+    return q[i], pos[i], pos[i + 1], counts[i] & (_CHANNEL - 1), counts[i] >> 31
 
 
 def _ranges(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,24 +194,38 @@ def _ranges(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
 
 
-def _key_only(rule, order, geom: VideoGeometry, block_n: int):
-    """k-tile ranges holding a key every query attends (non-grid, stripe), and made only of such keys."""
-    L, N, F, P = geom.seq_len, geom.grid_tokens, geom.frames, geom.tokens_per_frame
-    grid = np.zeros(N, dtype=bool)
-    if rule[R.STRIPE_FIRST] > 0:
-        grid[: rule[R.STRIPE_FIRST]] = True
-    for c in range(min(max(rule[R.N_COLS], 0), R.MAX_COLS)):
+def _key_code(rule, order, geom: VideoGeometry, block_n: int) -> np.ndarray:
+    """Per k-tile (int8): 2 when made only of keys every query attends (non-grid, stripe; keys past L
+    count as such), 1 when holding such a key, else 0."""
+    L, N, F, P, pre = geom.seq_len, geom.grid_tokens, geom.frames, geom.tokens_per_frame, geom.prefix
+    nk = _cdiv(L, block_n)
+    if rule[R.STRIPE_FIRST] <= 0 and rule[R.N_COLS] <= 0:  # non-grid keys only: two intervals
+        start = np.arange(nk) * block_n
+        some = (start < pre) | (np.minimum(start + block_n, L) > pre + N)
+        return some.astype(np.int8) + ((start + block_n <= pre) | (start >= pre + N))
+    grid = np.zeros(N, dtype=bool)  # stripes: grid intervals in frame-major order
+    grid[: max(rule[R.STRIPE_FIRST], 0)] = True
+    for c in range(min(rule[R.N_COLS], R.MAX_COLS)):
         grid[rule[R.COLS + 2 * c]: rule[R.COLS + 2 * c + 1]] = True
     if order == R.SPACE_MAJOR:
         grid = grid.reshape(F, P).T.ravel()
     elif order == R.CUBE:
         grid = grid[_cube_map(geom)]
-    nk = _cdiv(L, block_n)
-    keys = np.ones(nk * block_n, dtype=bool)  # keys past L count as attended for "all"
-    keys[geom.prefix: geom.prefix + N] = grid
+    keys = np.ones(nk * block_n, dtype=bool)
+    keys[pre: pre + N] = grid
     attended = keys.reshape(nk, block_n)
-    real = np.arange(nk * block_n).reshape(nk, block_n) < L
-    return _ranges((attended & real).any(axis=1)), _ranges(attended.all(axis=1))
+    some = attended.any(axis=1)
+    some[-1] = keys[(nk - 1) * block_n: L].any()  # real keys only
+    return some.astype(np.int8) + attended.all(axis=1)
+
+
+def _row_code(geom: VideoGeometry, block_m: int) -> np.ndarray:
+    """Per q-tile (int8): 2 without grid rows (every k-tile full), 1 holding a non-grid row (it attends
+    every key: every k-tile visited), else 0."""
+    L, N, pre = geom.seq_len, geom.grid_tokens, geom.prefix
+    lo = np.arange(_cdiv(L, block_m)) * block_m
+    hi = np.minimum(lo + block_m, L)
+    return ((lo < pre) | (hi > pre + N)).astype(np.int8) + ((hi <= pre) | (lo >= pre + N))
 
 
 def _every_tile(nq: int, lo: np.ndarray, hi: np.ndarray):
@@ -213,35 +241,28 @@ def tile_runs(rule, order: int, geom: VideoGeometry, block_m: int, block_n: int)
                          f"not a diagonal or window (rule {rule})")
     if order == R.CUBE:
         return _cube_tile_runs(rule, geom, block_m, block_n)
-    N, pre = geom.grid_tokens, geom.prefix
     if order == R.SPACE_MAJOR:
         inner = geom.frames
     else:  # windows need one row per segment; bands only one frame
         inner = geom.width if rule[R.WIN_F] >= 0 else geom.tokens_per_frame
-    a0, a1, seg_qt = _segments(geom, block_m, inner)
-    any_iv, all_iv = _Intervals(), _Intervals()
-    seg = np.arange(a0.size)
-    any_iv.add(seg, a0, a1)  # every query attends itself
-    all_iv.add(seg, a0, np.where(a1 - a0 == 1, a1, a0))
-    extra = [(-pre, 0), (N, geom.seq_len - pre)]  # non-grid keys, in grid coordinates
+    a0, a1, seg_qt, any_base, all_base = _segments(geom, block_m, inner)
+    any_iv, all_iv = _Intervals(*any_base), _Intervals(*all_base)
     if order == R.FRAME_MAJOR:  # stripes are intervals in frame-major order
-        extra.append((0, rule[R.STRIPE_FIRST]))
-        extra += [(rule[R.COLS + 2 * c], rule[R.COLS + 2 * c + 1]) for c in range(max(rule[R.N_COLS], 0))]
-    for start, end in extra:
-        all_iv.add(seg, start, end)
-    if order == R.FRAME_MAJOR:
+        for start, end in [(0, rule[R.STRIPE_FIRST])] + [(rule[R.COLS + 2 * c], rule[R.COLS + 2 * c + 1])
+                                                         for c in range(max(rule[R.N_COLS], 0))]:
+            all_iv.add(any_base[0], start, end)
         _frame_major_intervals(rule, geom, a0, a1, any_iv, all_iv, block_n)
     elif rule[R.MD_S] >= 0:
         _space_major_intervals(rule, geom, a0, a1, any_iv, all_iv, block_n)
-    key_any, key_full = _key_only(rule, order, geom, block_n)
-    full = _full_parts(all_iv, seg_qt, key_full, geom, block_m, block_n)
-    visited = _visited_parts(any_iv, seg_qt, key_any, geom, block_m, block_n)
+    key, row = _key_code(rule, order, geom, block_n), _row_code(geom, block_m)
+    full = _full_parts(all_iv, seg_qt, key, row, geom, block_m, block_n)
+    visited = _visited_parts(any_iv, seg_qt, key, row, geom, block_m, block_n)
     return _encode(visited, full, _cdiv(geom.seq_len, block_m), _cdiv(geom.seq_len, block_n))
 
 
-def _full_parts(all_iv: _Intervals, seg_qt, key_full, geom: VideoGeometry, block_m: int, block_n: int):
+def _full_parts(all_iv: _Intervals, seg_qt, key, row, geom: VideoGeometry, block_m: int, block_n: int):
     """(q-tile, lo, hi) k-tile ranges that are full: inside the merged all-intervals of every grid
-    segment of the q-tile, made only of keys every query attends, or in a q-tile without grid rows."""
+    segment of the q-tile, or full by their `key` code or their q-tile's `row` code."""
     L, pre = geom.seq_len, geom.prefix
     nq, nk = _cdiv(L, block_m), _cdiv(L, block_n)
     s, lo, hi = _merge_per_group(*all_iv.arrays())
@@ -250,22 +271,8 @@ def _full_parts(all_iv: _Intervals, seg_qt, key_full, geom: VideoGeometry, block
     q, start, end, count, _ = _sweep(seg_qt[s[keep]], lo[keep], hi[keep], False, nk)
     segs_per_tile = np.bincount(seg_qt, minlength=nq)
     full = count == segs_per_tile[q]
-    return [(q[full], start[full], end[full]), _every_tile(nq, *key_full),
-            _all_tiles_of(_gridless_q_tiles(geom, block_m), nk)]
-
-
-def _gridless_q_tiles(geom: VideoGeometry, block_m: int) -> np.ndarray:
-    """q-tiles without grid rows (every k-tile of theirs is full)."""
-    t = np.arange(_cdiv(geom.seq_len, block_m))
-    return np.nonzero((np.minimum((t + 1) * block_m, geom.seq_len) <= geom.prefix)
-                      | (t * block_m >= geom.prefix + geom.grid_tokens))[0]
-
-
-def _mixed_q_tiles(geom: VideoGeometry, block_m: int) -> np.ndarray:
-    """q-tiles holding a non-grid row (such rows attend every key, so every k-tile is visited)."""
-    t = np.arange(_cdiv(geom.seq_len, block_m))
-    t_lo, t_hi = t * block_m, np.minimum((t + 1) * block_m, geom.seq_len)
-    return np.nonzero((t_lo < geom.prefix) | (t_hi > geom.prefix + geom.grid_tokens))[0]
+    return [(q[full], start[full], end[full]), _every_tile(nq, *_ranges(key == 2)),
+            _all_tiles_of(np.nonzero(row == 2)[0], nk)]
 
 
 def _all_tiles_of(q_tiles: np.ndarray, nk: int):
@@ -273,14 +280,14 @@ def _all_tiles_of(q_tiles: np.ndarray, nk: int):
     return q_tiles, np.zeros_like(q_tiles), np.full_like(q_tiles, nk)
 
 
-def _visited_parts(any_iv: _Intervals, seg_qt, key_any, geom: VideoGeometry, block_m: int, block_n: int):
-    """(q-tile, lo, hi) k-tile ranges that are visited: touched by an any-interval, holding a key
-    every query attends, or anywhere in a q-tile with non-grid query rows."""
+def _visited_parts(any_iv: _Intervals, seg_qt, key, row, geom: VideoGeometry, block_m: int, block_n: int):
+    """(q-tile, lo, hi) k-tile ranges that are visited: touched by an any-interval, or visited by
+    their `key` code or their q-tile's `row` code."""
     L, pre = geom.seq_len, geom.prefix
     nq, nk = _cdiv(L, block_m), _cdiv(L, block_n)
     s, lo, hi = any_iv.arrays()
-    return [(seg_qt[s], (lo + pre) // block_n, (hi + pre - 1) // block_n + 1), _every_tile(nq, *key_any),
-            _all_tiles_of(_mixed_q_tiles(geom, block_m), nk)]
+    return [(seg_qt[s], (lo + pre) // block_n, (hi + pre - 1) // block_n + 1), _every_tile(nq, *_ranges(key > 0)),
+            _all_tiles_of(np.nonzero(row > 0)[0], nk)]
 
 
 def _cube_map(geom: VideoGeometry) -> np.ndarray:
@@ -293,71 +300,100 @@ def _tile_boxes(geom: VideoGeometry, block: int):
     """Cube order, tiles of `block` positions: (first grid-bearing tile, lo [3, n], hi [3, n]) with
     the per-axis (frame, row, column) min / max over each grid-bearing tile's grid tokens (int16)."""
     N, pre, P, W = geom.grid_tokens, geom.prefix, geom.tokens_per_frame, geom.width
-    g = _cube_map(geom)
-    coords = np.stack([g // P, g % P // W, g % W]).astype(np.int16)
     first, last = pre // block, (pre + N - 1) // block
     starts = np.maximum(np.arange(first, last + 1) * block - pre, 0)
-    lo, hi = np.minimum.reduceat(coords, starts, axis=1), np.maximum.reduceat(coords, starts, axis=1)
+    ends = np.append(starts[1:], N)
+    frame = _cube_map(geom)[:P]  # every frame is laid out as the first
+    lo, hi = np.empty((3, starts.size), np.int16), np.empty((3, starts.size), np.int16)
+    lo[0], hi[0] = starts // P, (ends - 1) // P
+    for axis, coord in ((1, frame // W), (2, frame % W)):
+        coord = np.tile(coord.astype(np.int16), geom.frames)
+        lo[axis], hi[axis] = np.minimum.reduceat(coord, starts), np.maximum.reduceat(coord, starts)
     lo.flags.writeable = hi.flags.writeable = False  # cached: shared by every caller
     return first, lo, hi
 
 
-def _true_runs(flags: np.ndarray):
-    """(row, start, end) of the runs of True along each row of a 2-D bool array."""
-    f = flags.view(np.int8)
-    edges = np.empty((f.shape[0], f.shape[1] + 1), dtype=np.int8)
-    edges[:, 0], edges[:, -1] = f[:, 0], -f[:, -1]
-    np.subtract(f[:, 1:], f[:, :-1], out=edges[:, 1:-1])
-    row, col = np.nonzero(edges)
-    rise = edges[row, col] == 1  # runs alternate rise, fall along each row
-    return row[rise], col[rise], col[~rise]
+def _code_pieces(code: np.ndarray):
+    """(start, end, code) of the runs of one nonzero code in a 1-D int8 array that starts and ends with 0."""
+    edge = np.flatnonzero(code[1:] != code[:-1]) + 1  # where a run of one code starts (the last: of 0)
+    kind = code[edge[:-1]]
+    piece = np.nonzero(kind)[0]
+    return edge[piece], edge[piece + 1], kind[piece]
 
 
-def _cube_window_parts(rule, geom: VideoGeometry, block_m: int, block_n: int):
-    """Cube order, window component: ((q, lo, hi) visited, (q, lo, hi) full) k-tile ranges from the
-    tiles' coordinate boxes (see the module docstring)."""
+def _cube_window_pieces(rule, geom: VideoGeometry, block_m: int, block_n: int, key, row):
+    """Cube order, over the band of k-tiles each grid-bearing q-tile's frames +- the frame radius
+    reach: pieces (q, lo, hi, code) of one code, a pair's code being the largest of the window's (from
+    the tiles' boxes, see the module docstring), its k-tile's `key` and its q-tile's `row` code; and
+    each q-tile's band [band_lo, band_hi) (empty without grid rows)."""
     if max(geom.frames, geom.height, geom.width) >= 1 << 14:
         raise ValueError(f"cube order needs frames, height and width below {1 << 14}, got {geom}")
     radius = (min(rule[R.WIN_F], geom.frames - 1), rule[R.WIN_Y], rule[R.WIN_X])
     q0, qlo, qhi = _tile_boxes(geom, block_m)
     k0, klo, khi = _tile_boxes(geom, block_n)
-    # frames are contiguous in cube order: the k-tiles meeting frames fq +- radius form one range
-    start = np.searchsorted(khi[0], qlo[0] - radius[0], "left")
-    width = max(int((np.searchsorted(klo[0], qhi[0] + radius[0], "right") - start).max()), 1)
-    # k-tiles past the last one get an empty box far away: never visited
-    far = np.full((3, width), 1 << 14, dtype=np.int16)
-    k_lo_win = np.lib.stride_tricks.sliding_window_view(np.concatenate([klo, far], 1), width, axis=1)
-    k_hi_win = np.lib.stride_tricks.sliding_window_view(np.concatenate([khi, -far], 1), width, axis=1)
-    parts = ([], [])
+    # frames ascend in cube order: the k-tiles whose frames some pair of the q-tile's reaches
+    # (visited) and every pair does (full) are ranges, offsets from `start`
+    rf = radius[0]
+    start = np.searchsorted(khi[0], qlo[0] - rf, "left")
+    visited_end = np.searchsorted(klo[0], qhi[0] + rf, "right") - start
+    width = max(int(visited_end.max()), 1)
+    col = np.arange(width, dtype=np.int16 if width < 1 << 15 else np.int32)
+    bounds = [np.clip(b, 0, width).astype(col.dtype)[:, None] for b in (
+        visited_end, np.searchsorted(klo[0], qhi[0] - rf, "left") - start,
+        np.searchsorted(khi[0], qlo[0] + rf, "right") - start)]
+    pad = np.zeros((2, width), dtype=np.int16)  # k-tiles past the last grid-bearing one: out of every range
+    k_lo_win = np.lib.stride_tricks.sliding_window_view(np.concatenate([klo[1:], pad], 1), width, axis=1)
+    k_hi_win = np.lib.stride_tricks.sliding_window_view(np.concatenate([khi[1:], pad], 1), width, axis=1)
+    key_win = np.lib.stride_tricks.sliding_window_view(np.concatenate([key[k0:], np.zeros(width, np.int8)]), width)
+    nk = key.size
+    pieces = []
     step = max(1, _PAIR_CHUNK // width)
     for r0 in range(0, start.size, step):
-        rows = np.arange(r0, min(r0 + step, start.size))
-        visited = np.ones((rows.size, width), dtype=bool)
-        full = np.ones((rows.size, width), dtype=bool)
-        for axis, r in enumerate(radius):  # box distance <= r: some pair; largest distance <= r: all
-            k_lo, k_hi = k_lo_win[axis, start[rows]], k_hi_win[axis, start[rows]]
+        rows = slice(r0, min(r0 + step, start.size))
+        v_end, f_start, f_end = (b[rows] for b in bounds)
+        code = np.zeros(v_end.size * (width + 1) + 1, dtype=np.int8)  # led by a 0, rows end with one
+        pairs = code[1:].reshape(-1, width + 1)[:, :width]
+        visited = col < v_end
+        full = (col >= f_start) & (col < f_end)
+        for axis in (1, 2):  # box distance <= r: some pair; largest distance <= r: every pair (so some)
+            r, k_lo, k_hi = radius[axis], k_lo_win[axis - 1, start[rows]], k_hi_win[axis - 1, start[rows]]
             q_lo, q_hi = qlo[axis, rows, None], qhi[axis, rows, None]
             visited &= (k_lo <= q_hi + r) & (k_hi >= q_lo - r)
             full &= (k_hi <= q_lo + r) & (k_lo >= q_hi - r)
-        full &= visited
-        for out, flags in zip(parts, (visited, full)):
-            row, lo, hi = _true_runs(flags)
-            base = start[rows[row]] + k0
-            out.append((rows[row] + q0, base + lo, base + hi))
-    return tuple(tuple(np.concatenate([p[i] for p in part]) for i in range(3)) for part in parts)
+        np.add(visited, full, out=pairs, dtype=np.int8)
+        np.maximum(pairs, key_win[start[rows]], out=pairs)
+        np.maximum(pairs, row[q0 + rows.start: q0 + rows.stop, None], out=pairs)
+        first, end, kind = _code_pieces(code)
+        r, lo = np.divmod(first - 1, width + 1)
+        hi = lo + end - first
+        base = k0 + start[r0 + r]
+        pieces.append((q0 + r0 + r, base + lo, np.minimum(base + hi, nk), kind))
+    q, lo, hi, kind = (np.concatenate([p[i] for p in pieces]) for i in range(4))
+    keep = lo < hi  # past the last k-tile
+    band_lo, band_hi = np.zeros(row.size, np.int64), np.zeros(row.size, np.int64)
+    band_lo[q0: q0 + start.size] = k0 + start
+    band_hi[q0: q0 + start.size] = np.minimum(k0 + start + width, nk)
+    return (q[keep], lo[keep], hi[keep], kind[keep]), band_lo, band_hi
 
 
 def _cube_tile_runs(rule, geom: VideoGeometry, block_m: int, block_n: int):
-    """tile_runs for cube order: window boxes plus key-only keys and non-grid query rows."""
+    """tile_runs for cube order: each pair's code is the largest of the window's, its k-tile's key
+    code and its q-tile's row code; outside a q-tile's window band only the last two count."""
     if rule[R.WIN_F] < 0 or rule[R.DIAG] >= 0 or rule[R.MD_S] >= 0:
         raise ValueError("cube order supports window rules (with stripes) only, "
                          f"not a diagonal, a spatial band or no window (rule {rule})")
-    nq, nk = _cdiv(geom.seq_len, block_m), _cdiv(geom.seq_len, block_n)
-    win_visited, win_full = _cube_window_parts(rule, geom, block_m, block_n)
-    key_any, key_full = _key_only(rule, R.CUBE, geom, block_n)
-    visited = [win_visited, _every_tile(nq, *key_any), _all_tiles_of(_mixed_q_tiles(geom, block_m), nk)]
-    full = [win_full, _every_tile(nq, *key_full), _all_tiles_of(_gridless_q_tiles(geom, block_m), nk)]
-    return _encode(visited, full, nq, nk)
+    key, row = _key_code(rule, R.CUBE, geom, block_n), _row_code(geom, block_m)
+    band, band_lo, band_hi = _cube_window_pieces(rule, geom, block_m, block_n, key, row)
+    pieces = [band]
+    for c in range(3):  # q-tiles of row code c: the runs of max(key, c) left and right of their band
+        q = np.nonzero(row == c)[0][:, None]
+        start, end, kind = _code_pieces(np.concatenate([[0], np.maximum(key, c), [0]]).astype(np.int8))
+        for lo, hi in ((start - 1, np.minimum(end - 1, band_lo[q])), (np.maximum(start - 1, band_hi[q]), end - 1)):
+            keep = lo < hi
+            pieces.append(tuple(np.broadcast_to(a, keep.shape)[keep] for a in (q, lo, hi, kind)))
+    q, lo, hi, kind = (np.concatenate([p[i] for p in pieces]) for i in range(4))
+    order = np.argsort(q * (key.size + 1) + lo, kind="stable")
+    return _runs(q[order], lo[order], hi[order], kind[order], row.size)
 
 
 def _encode(visited, full, nq: int, nk: int):
@@ -367,12 +403,18 @@ def _encode(visited, full, nq: int, nk: int):
     q, start, end, n_any, n_full = _sweep(*(np.concatenate([p[i] for p in parts]) for i in range(4)), nk)
     code = (n_any > 0) * (1 + (n_full > 0))  # 0 not visited, 1 partial, 2 full
     keep = code > 0
-    q, start, end, code = q[keep], start[keep], end[keep], code[keep]
-    new = np.ones(q.size, dtype=bool)  # join touching pieces of equal kind into one run
+    return _runs(q[keep], start[keep], end[keep], code[keep], nq)
+
+
+def _runs(q, start, end, code, nq: int):
+    """(row_ptr, runs) from disjoint pieces of one code (1 partial, 2 full) sorted by q-tile and start:
+    touching pieces of equal code join into one run."""
+    new = np.ones(q.size, dtype=bool)
     new[1:] = (q[1:] != q[:-1]) | (code[1:] != code[:-1]) | (start[1:] != end[:-1])
     first = np.nonzero(new)[0]
     last = np.append(first[1:], q.size) - 1
-    runs = np.stack([start[first], end[last], code[first] - 1], axis=1).astype(np.int32)
+    runs = np.empty((first.size, 3), np.int32)
+    runs[:, 0], runs[:, 1], runs[:, 2] = start[first], end[last], code[first] - 1
     row_ptr = np.zeros(nq + 1, np.int64)
     np.cumsum(np.bincount(q[first], minlength=nq), out=row_ptr[1:])
     return row_ptr, runs
@@ -440,15 +482,14 @@ class TablePool:
 
     def add(self, rules: list[list[int]]) -> list[tuple[int, int, int, float]]:
         """(order, row_base, visited tile count, tile_cost) of each non-skip rule. Rules not seen
-        yet are classified, several at once in threads (numpy releases the GIL in the large array
-        work of cube-order windows), and appended in the given order, so the pool's layout does not
-        depend on which thread finishes first."""
+        yet are classified (in `_CLASSIFY_THREADS` threads when several) and appended in the given
+        order, so the pool's layout does not depend on which thread finishes first."""
         new = list({tuple(r[R.DIAG:]): r for r in rules if tuple(r[R.DIAG:]) not in self.entries}.values())
 
         def classify(rule):
             return _choose_order(rule, self.geom, self.block_m, self.block_n)
 
-        if len(new) > 1:
+        if len(new) > 1 and _CLASSIFY_THREADS > 1:
             with concurrent.futures.ThreadPoolExecutor(min(len(new), _CLASSIFY_THREADS)) as threads:
                 classified = list(threads.map(classify, new))
         else:
@@ -504,6 +545,7 @@ def clear_plans() -> None:
     """Forget every compiled plan and table pool (memory is freed once no plan is referenced)."""
     _compile.cache_clear()
     _tile_boxes.cache_clear()
+    _segments.cache_clear()
     _POOLS.clear()
 
 
