@@ -462,9 +462,10 @@ def test_cube_order_walk_is_tuned_only_where_cube_heads_read_copies(monkeypatch)
     assert not any(c.kwargs["MERGED_CUBE"] and not c.kwargs["USE_TMA"] for c in configs)
     kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 2})  # SPARSE_VDIT_MERGED_CUBE=only
     assert kept and all(c.kwargs["MERGED_CUBE"] for c in kept)
-    # the register cap (two CTAs an SM) is tuned at head_dim 64 only, with TMA and both walks
-    for head_dim, capped in ((64, True), (128, False)):
-        kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 1}, HEAD_DIM=head_dim)
+    # the register cap (two CTAs an SM) is tuned for sparse layers at head_dim 64 only, with TMA and both walks
+    for head_dim, bucket, capped in ((64, 1, True), (64, 4, True), (64, 0, False), (128, 1, False)):
+        kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 1, "density_bucket": bucket},
+                                 HEAD_DIM=head_dim)
         assert any(c.maxnreg == 128 for c in kept) == capped and any(c.maxnreg is None for c in kept)
     assert {c.kwargs["MERGED_CUBE"] for c in configs if c.maxnreg} == {False, True}
     assert not any(c.maxnreg and not c.kwargs["USE_TMA"] for c in configs)
