@@ -63,7 +63,7 @@ def _autotune_configs() -> list:
     over, and with TMA how cube-order heads walk their runs (MERGED_CUBE, see
     `_attend_cube_runs_tma`). 8 warps at 255 registers a thread fill an SM's register file, so one
     CTA runs per SM and each q-tile's prologue, epilogue and pipeline fills are exposed; capped at
-    128 (d = 64 only, see `_prune_configs`), two CTAs share an SM. SPARSE_VDIT_TRITON_CONFIGS="8x3,8x3r128"
+    128 (sparse layers at d = 64 only, see `_prune_configs`), two CTAs share an SM. SPARSE_VDIT_TRITON_CONFIGS="8x3,8x3r128"
     narrows the choice. (The interpreter bypasses the autotuner: `launch_sparse_attention` runs the
     load path the call has descriptors for.)"""
     tma, gathered = ((8, 2, None), (8, 3, None), (8, 4, None), (4, 3, None), (8, 3, 128)), ((8, 2, None), (8, 3, None))
@@ -128,7 +128,7 @@ def _prune_configs(configs, named_args, **kwargs) -> list:
             and (named_args["has_cube_copies"] or not c.kwargs["MERGED_CUBE"])
             and (c.kwargs["MERGED_CUBE"] or not only)]
     uncapped = [c for c in kept if c.maxnreg is None]
-    capped_pays = kwargs.get("HEAD_DIM") == 64 and named_args.get("density_bucket", 0) > 0
+    capped_pays = kwargs.get("HEAD_DIM") == 64 and named_args["density_bucket"] > 0
     return kept if capped_pays or not uncapped else uncapped
 
 
@@ -412,10 +412,11 @@ def _work_item(pid, n_active, L, prefix, N, BLOCK_M: tl.constexpr):
     heavy = pid < n_heavy * n_active
     light = tl.where(heavy, 0, pid - n_heavy * n_active)
     n_light = tl.maximum(suffix_start - n_pre, 1)
-    j = pid % tl.maximum(n_heavy, 1)
+    per_head = tl.maximum(n_heavy, 1)
+    j = pid % per_head
     heavy_tile = tl.where(j < n_pre, j, suffix_start + j - n_pre)
     q_tile = tl.where(heavy, heavy_tile, n_pre + light % n_light)
-    head = tl.where(heavy, pid // tl.maximum(n_heavy, 1), light // n_light)
+    head = tl.where(heavy, pid // per_head, light // n_light)
     return q_tile, head
 
 
