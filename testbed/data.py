@@ -126,7 +126,7 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or x.device.type != "cpu":
         return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
+    return x.contiguous().pin_memory().to(device, non_blocking=True)  # pinning refuses expanded views
 
 
 def prompt_embeddings(prompts: Sequence[Prompt | str], device="cpu") -> torch.Tensor:
