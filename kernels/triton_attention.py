@@ -64,15 +64,17 @@ def _autotune_configs() -> list:
     `_attend_cube_runs_tma`). 8 warps at 255 registers a thread fill an SM's register file, so one
     CTA runs per SM and each q-tile's prologue, epilogue and pipeline fills are exposed; capped at
     128 (sparse layers at d = 64 only, see `_prune_configs`), two CTAs share an SM. SPARSE_VDIT_TRITON_CONFIGS="8x3,8x3r128"
-    narrows the choice. (The interpreter bypasses the autotuner: `launch_sparse_attention` runs the
-    load path the call has descriptors for.)"""
+    narrows the choice. With TMA each config also comes with full tiles taken two a step (PAIRED,
+    see `_attend_tile_pairs_tma`). (The interpreter bypasses the autotuner: `launch_sparse_attention`
+    runs the load path the call has descriptors for.)"""
     tma, gathered = ((8, 2, None), (8, 3, None), (8, 4, None), (4, 3, None), (8, 3, 128)), ((8, 2, None), (8, 3, None))
     chosen = os.environ.get("SPARSE_VDIT_TRITON_CONFIGS")
     if chosen:
         tma = gathered = _parse_configs(chosen)
-    return ([triton.Config({"USE_TMA": True, "MERGED_CUBE": m}, num_warps=w, num_stages=s, maxnreg=r)
-             for m in (False, True) for w, s, r in tma]
-            + [triton.Config({"USE_TMA": False, "MERGED_CUBE": False}, num_warps=w, num_stages=s, maxnreg=r)
+    return ([triton.Config({"USE_TMA": True, "MERGED_CUBE": m, "PAIRED": p}, num_warps=w, num_stages=s, maxnreg=r)
+             for m in (False, True) for p in (False, True) for w, s, r in tma]
+            + [triton.Config({"USE_TMA": False, "MERGED_CUBE": False, "PAIRED": False}, num_warps=w, num_stages=s,
+                             maxnreg=r)
                for w, s, r in gathered])
 
 
@@ -113,20 +115,25 @@ def tuned_config_name() -> str:
     return " ".join(filter(None, (f"{config.num_warps}x{config.num_stages}",
                                   "TMA" if config.kwargs.get("USE_TMA") else "gathered",
                                   "merged" if config.kwargs.get("MERGED_CUBE") else "",
+                                  "paired" if config.kwargs.get("PAIRED") else "",
                                   f"r{config.maxnreg}" if config.maxnreg else "")))
 
 
 def _prune_configs(configs, named_args, **kwargs) -> list:
     """TMA configs only when the call has descriptors; merged cube-order walks only when cube-order
     heads read copies (has_cube_copies 1), and then nothing else under SPARSE_VDIT_MERGED_CUBE=only
-    (has_cube_copies 2); register caps only for sparse layers at head_dim 64. At 128 a CTA needs
+    (has_cube_copies 2); paired full tiles as `paired_tiles` says (0 never, 1 tuned, 2 only, with
+    TMA); register caps only for sparse layers at head_dim 64. At 128 a CTA needs
     132 KB of shared memory at 3 stages, so two never share an SM and the cap only adds spills; a
     dense layer's long q-tiles hide their prologues, and timed alone the capped 8x3 ran dense d = 64
     at 65.71 ms against 63.01 for 4x3 uncapped (attention run I, profile call)."""
     only = named_args["has_cube_copies"] == 2
+    paired = named_args["paired_tiles"]
     kept = [c for c in configs if (named_args["has_desc"] or not c.kwargs["USE_TMA"])
             and (named_args["has_cube_copies"] or not c.kwargs["MERGED_CUBE"])
-            and (c.kwargs["MERGED_CUBE"] or not only)]
+            and (c.kwargs["MERGED_CUBE"] or not only)
+            and (paired or not c.kwargs["PAIRED"])
+            and (c.kwargs["PAIRED"] or paired < 2 or not c.kwargs["USE_TMA"])]
     uncapped = [c for c in kept if c.maxnreg is None]
     capped_pays = kwargs.get("HEAD_DIM") == 64 and named_args["density_bucket"] > 0
     return kept if capped_pays or not uncapped else uncapped
@@ -329,10 +336,41 @@ def _attend_run(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, k_base, v_base, stri
 
 
 @triton.jit
+def _attend_tile_pairs_tma(acc, m_i, l_i, q, kt_lo, kt_hi, desc_k, desc_v, k_row, k_col, v_row, v_col, qk_scale,
+                           BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Full k-tiles [kt_lo, kt_hi) (an even count) by TMA, two a step under one online-softmax
+    update: one row max over both tiles and one rescale of the accumulator per 2 * BLOCK_N keys, the
+    work a 128-key tile saves, while the tables, the masked tiles and the shared memory a stage needs
+    per load stay those of BLOCK_N."""
+    for kt in range(kt_lo, kt_hi, 2):
+        k0 = desc_k.load([k_row + kt * BLOCK_N, k_col])
+        k1 = desc_k.load([k_row + (kt + 1) * BLOCK_N, k_col])
+        s0 = tl.dot(q, tl.trans(k0), input_precision=PRECISION)
+        s1 = tl.dot(q, tl.trans(k1), input_precision=PRECISION)
+        m_new = tl.maximum(m_i, tl.max(tl.maximum(s0, s1), 1) * qk_scale)
+        p0 = tl.math.exp2(s0 * qk_scale - m_new[:, None])
+        p1 = tl.math.exp2(s1 * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
+        v0 = desc_v.load([v_row + kt * BLOCK_N, v_col])
+        v1 = desc_v.load([v_row + (kt + 1) * BLOCK_N, v_col])
+        acc = tl.dot(p0.to(v0.dtype), v0, acc * alpha[:, None], input_precision=PRECISION)
+        acc = tl.dot(p1.to(v1.dtype), v1, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, desc_k, desc_v, k_row, k_col, v_row, v_col,
                     order, cube_map, prefix, F, P, W, N, kv_end, qk_scale, inv_F, inv_P, inv_W,
-                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """One run of k-tiles loaded by TMA: [kt_lo, split) without the rule, [split, kt_hi) with it."""
+                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr):
+    """One run of k-tiles loaded by TMA: [kt_lo, split) without the rule (PAIRED: two tiles a step,
+    the odd one alone), [split, kt_hi) with it."""
+    if PAIRED:
+        pairs_end = kt_lo + (split - kt_lo) // 2 * 2
+        acc, m_i, l_i = _attend_tile_pairs_tma(acc, m_i, l_i, q, kt_lo, pairs_end, desc_k, desc_v, k_row, k_col,
+                                               v_row, v_col, qk_scale, BLOCK_N, PRECISION)
+        kt_lo = pairs_end
     acc, m_i, l_i = _attend_tiles_tma(acc, m_i, l_i, q, box, kt_lo, split, desc_k, desc_v, k_row, k_col,
                                       v_row, v_col, order, cube_map, prefix, F, P, W, N, kv_end, qk_scale,
                                       inv_F, inv_P, inv_W, BLOCK_N, False, PRECISION)
@@ -421,24 +459,25 @@ def _work_item(pid, n_active, L, prefix, N, BLOCK_M: tl.constexpr):
 
 
 # work_bucket (bit length of the program count), density_bucket (the layer's visited-tile density,
-# log2 steps), has_desc and has_cube_copies are only autotune keys: the best load path, run walk and
+# log2 steps), has_desc, has_cube_copies and paired_tiles are only autotune keys: the best load path, run walk and
 # warps/stages depend on how many programs fill the GPU and how many runs and partial tiles each
 # walks (a dense layer's best config is not a sparse one's), TMA configs need descriptors and merged
-# cube-order walks need cube-order heads reading copies.
+# cube-order walks need cube-order heads reading copies (paired_tiles: see `_paired_tiles_mode`).
 @triton.autotune(configs=_autotune_configs(),
                  key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "work_bucket", "density_bucket", "has_desc",
-                      "has_cube_copies"],
+                      "has_cube_copies", "paired_tiles"],
                  prune_configs_by={"early_config_prune": _prune_configs},
                  do_bench=_time_config, cache_results=True)
-@triton.jit(do_not_specialize=["n_active", "work_bucket", "has_cube_copies"])  # one binary whatever the head mix
+@triton.jit(do_not_specialize=["n_active", "work_bucket", "has_cube_copies", "paired_tiles"])  # one binary whatever the head mix
 def _sparse_attention_fwd(
     Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN, CUBE_MAP, DESC_K, DESC_V, DESC_KS, DESC_VS, SLOT,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
     n_active, L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale, work_bucket, density_bucket, has_desc,
-    win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard, n_slots, has_cube_copies,
+    win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard, n_slots, has_cube_copies, paired_tiles,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, MERGED_CUBE: tl.constexpr,
+    PAIRED: tl.constexpr,
 ):
     pid_m, a = _work_item(tl.program_id(0), n_active, L, prefix, N, BLOCK_M)
     b = tl.program_id(1).to(tl.int64)
@@ -522,12 +561,12 @@ def _sparse_attention_fwd(
             if USE_TMA and order == 0:  # USE_TMA is compile-time: without descriptors only gathered loads exist
                 acc, m_i, l_i = _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, DESC_K, DESC_V,
                                                 k_row, k_col, v_row, v_col, order, CUBE_MAP, prefix, F, P, W, N,
-                                                kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_N, PRECISION)
+                                                kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_N, PRECISION, PAIRED)
             elif USE_TMA and n_slots > 0:  # a space-major or cube-order head's copy in its order [B, slots, L, D]
                 s_row = ((b * n_slots + tl.load(SLOT + h)) * L).to(tl.int32)
                 acc, m_i, l_i = _attend_run_tma(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, DESC_KS, DESC_VS,
                                                 s_row, 0, s_row, 0, order, CUBE_MAP, prefix, F, P, W, N,
-                                                kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_N, PRECISION)
+                                                kv_end, qk_scale, inv_F, inv_P, inv_W, BLOCK_N, PRECISION, PAIRED)
             else:
                 acc, m_i, l_i = _attend_run(acc, m_i, l_i, q, box, kt_lo, split, kt_hi, k_base, v_base,
                                             stride_kl, stride_vl, order, CUBE_MAP, prefix, F, P, W, N, L,
@@ -592,6 +631,14 @@ def _merged_cube_mode() -> str:
     run) or "only" (the merged walk; for tests and benchmarks)."""
     value = os.environ.get("SPARSE_VDIT_MERGED_CUBE", "1")
     return {"0": "off", "only": "only"}.get(value, "tune")
+
+
+def _paired_tiles_mode() -> int:
+    """Whether full k-tiles read by TMA go two a step (`_attend_tile_pairs_tma`), from
+    SPARSE_VDIT_PAIRED_TILES: 1 (default: the autotuner times both), 0 (never) or 2 (=only: always;
+    for tests and benchmarks)."""
+    value = os.environ.get("SPARSE_VDIT_PAIRED_TILES", "1")
+    return {"0": 0, "only": 2}.get(value, 1)
 
 
 def _row_descriptor(x: torch.Tensor, block_rows: int):
@@ -684,6 +731,7 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     has_cube_copies = 0
     if copies and cube_map is not None:
         has_cube_copies = {"off": 0, "tune": 1, "only": 2}[_merged_cube_mode()]
+    paired_tiles = _paired_tiles_mode()
     args = (qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads,
             kv_len if kv_len is not None else head_rules,
             cube_map if cube_map is not None else head_rules,
@@ -692,17 +740,18 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
             vb.stride(0), vb.stride(1), vb.stride(2), ob.stride(0), ob.stride(1), ob.stride(2),
             n_active, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
             scale * _LOG2E, work_bucket, density_bucket, has_desc, *box_layouts(frames, height, width), n_slots,
-            has_cube_copies)
+            has_cube_copies, paired_tiles)
     kernel, options = _sparse_attention_fwd, {}
     tuned = None
     if _REUSE_TUNED[0]:  # the autotuner's key of this launch: its key values, then every arg's dtype
-        key = (D, block_m, block_n, precision, work_bucket, density_bucket, has_desc, has_cube_copies)
+        key = (D, block_m, block_n, precision, work_bucket, density_bucket, has_desc, has_cube_copies, paired_tiles)
         tuned = _nearest_tuned(key + tuple(str(a.dtype) for a in args if hasattr(a, "dtype")))
     if tuned is not None:
         kernel, options = _sparse_attention_fwd.fn, tuned
-    elif _INTERPRET:  # nothing to tune: one config, the call's load path and cube-order run walk
+    elif _INTERPRET:  # nothing to tune: one config, the call's load path, cube-order run walk and pairing
         kernel, options = _sparse_attention_fwd.fn, dict(USE_TMA=bool(has_desc), MERGED_CUBE=bool(has_cube_copies),
-                                                          num_warps=4, num_stages=1)
+                                                          PAIRED=bool(has_desc and paired_tiles), num_warps=4,
+                                                          num_stages=1)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         kernel[grid](*args, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
                      PRECISION=precision, **options)

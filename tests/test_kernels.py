@@ -442,6 +442,8 @@ def test_tuned_config_name_says_warps_stages_path_walk_and_cap(monkeypatch):
     assert TA.tuned_config_name() == ""
     for config, name in ((triton.Config({"USE_TMA": True, "MERGED_CUBE": True}, num_warps=8, num_stages=3,
                                         maxnreg=128), "8x3 TMA merged r128"),
+                         (triton.Config({"USE_TMA": True, "MERGED_CUBE": False, "PAIRED": True}, num_warps=8,
+                                        num_stages=2), "8x2 TMA paired"),
                          (triton.Config({"USE_TMA": False, "MERGED_CUBE": False}, num_warps=4, num_stages=2),
                           "4x2 gathered")):
         monkeypatch.setattr(TA._sparse_attention_fwd, "best_config", config, raising=False)
@@ -455,17 +457,17 @@ def test_cube_order_walk_is_tuned_only_where_cube_heads_read_copies(monkeypatch)
 
     configs = TA._autotune_configs()
     for has_desc, has_cube in ((0, 0), (1, 0), (1, 1)):
-        kept = TA._prune_configs(configs, {"has_desc": has_desc, "has_cube_copies": has_cube})
+        kept = TA._prune_configs(configs, {"has_desc": has_desc, "has_cube_copies": has_cube, "paired_tiles": 1})
         assert any(not c.kwargs["USE_TMA"] for c in kept)
         assert any(c.kwargs["USE_TMA"] for c in kept) == bool(has_desc)
         assert any(c.kwargs["MERGED_CUBE"] for c in kept) == bool(has_cube)
     assert not any(c.kwargs["MERGED_CUBE"] and not c.kwargs["USE_TMA"] for c in configs)
-    kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 2})  # SPARSE_VDIT_MERGED_CUBE=only
+    kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 2, "paired_tiles": 1})  # MERGED_CUBE=only
     assert kept and all(c.kwargs["MERGED_CUBE"] for c in kept)
     # the register cap (two CTAs an SM) is tuned for sparse layers at head_dim 64 only, with TMA and both walks
     for head_dim, bucket, capped in ((64, 1, True), (64, 4, True), (64, 0, False), (128, 1, False)):
-        kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 1, "density_bucket": bucket},
-                                 HEAD_DIM=head_dim)
+        kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 1, "density_bucket": bucket,
+                                           "paired_tiles": 1}, HEAD_DIM=head_dim)
         assert any(c.maxnreg == 128 for c in kept) == capped and any(c.maxnreg is None for c in kept)
     assert {c.kwargs["MERGED_CUBE"] for c in configs if c.maxnreg} == {False, True}
     assert not any(c.maxnreg and not c.kwargs["USE_TMA"] for c in configs)
@@ -473,8 +475,14 @@ def test_cube_order_walk_is_tuned_only_where_cube_heads_read_copies(monkeypatch)
     monkeypatch.setenv("SPARSE_VDIT_TRITON_CONFIGS", "8x3r128")  # only capped configs asked for: kept at d = 128
     capped_only = TA._autotune_configs()
     assert capped_only and all(c.maxnreg == 128 for c in capped_only)
-    assert TA._prune_configs(capped_only, {"has_desc": 1, "has_cube_copies": 0}, HEAD_DIM=128)
+    assert TA._prune_configs(capped_only, {"has_desc": 1, "has_cube_copies": 0, "paired_tiles": 1}, HEAD_DIM=128)
     monkeypatch.delenv("SPARSE_VDIT_TRITON_CONFIGS")
+    # paired full tiles (TMA only): never, tuned against single tiles, or only them
+    for paired, want in ((0, {False}), (1, {False, True}), (2, {True})):
+        kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 0, "paired_tiles": paired})
+        assert {c.kwargs["PAIRED"] for c in kept if c.kwargs["USE_TMA"]} == want
+        assert any(not c.kwargs["USE_TMA"] for c in kept)
+    assert not any(c.kwargs["PAIRED"] and not c.kwargs["USE_TMA"] for c in configs)
     launched = []
     original = TA._sparse_attention_fwd.fn
 
@@ -596,11 +604,13 @@ def test_tma_and_gathered_loads_agree_on_strided_views(layout, monkeypatch):
     kv_len = torch.tensor([L, L - 9], dtype=torch.int32)
     want = float64_attention(q, k, v, rules, (prefix, F, H, W), layout, kv_len, D ** -0.5)
     bhld = (lambda t: t) if layout == "bhld" else (lambda t: t.transpose(1, 2))
-    for tma, merged in (("1", "1"), ("1", "0"), ("0", "1")):  # cube-order runs merged or one loop per run
+    # cube-order runs merged or one loop per run; full tiles by TMA two a step or one
+    for tma, merged, paired in (("1", "1", "1"), ("1", "0", "0"), ("0", "1", "1")):
         monkeypatch.setenv("SPARSE_VDIT_TMA", tma)
         monkeypatch.setenv("SPARSE_VDIT_MERGED_CUBE", merged)
+        monkeypatch.setenv("SPARSE_VDIT_PAIRED_TILES", paired)
         out = sparse_attention(q, k, v, tables, kv_len=kv_len, layout=layout)
-        assert rel_err(bhld(out), want) <= 1e-5, (tma, merged)
+        assert rel_err(bhld(out), want) <= 1e-5, (tma, merged, paired)
     assert copies == [([1, 3, 4], [1, 2, 1])] * 2  # made with descriptors only
     odd = torch.randn(fused.numel() + 1)[1:].view_as(fused)
     odd.copy_(fused)

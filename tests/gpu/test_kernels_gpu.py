@@ -50,6 +50,14 @@ def test_merged_cube_walk_matches_float32(head_dim, layout, monkeypatch):
     _check_layer(GEOMS[2], head_dim, layout)
 
 
+@pytest.mark.parametrize("paired", ["0", "only"])
+@pytest.mark.parametrize("head_dim, layout", [(128, "bhld"), (64, "blhd")])
+def test_paired_and_single_full_tiles_match_float32(paired, head_dim, layout, monkeypatch):
+    # the autotuner picks per layer whether full tiles go two a step: force each way
+    monkeypatch.setenv("SPARSE_VDIT_PAIRED_TILES", paired)
+    _check_layer(GEOMS[1], head_dim, layout)
+
+
 @pytest.mark.parametrize("merged", ["0", "only"])
 def test_register_capped_config_matches_float32(merged, monkeypatch):
     # the autotuner may never pick the d = 64 config capped at 128 registers (it spills): force it,
