@@ -7,13 +7,15 @@ evaluates the same rule). Each sparse output is checked against float32 on sampl
 
     python3 -m sparse_vdit.bench.attention [--shapes wan13b,wan14b,hunyuan,cogvideox]
         [--densities 0.05,0.15,0.3,0.5] [--families local_window,...] [--tiles 128x64]
-        [--flex-shapes ...] [--cube-walks] [--out DIR] [--quick]
+        [--flex-shapes ...] [--cube-walks] [--paired-tiles] [--out DIR] [--quick]
 
 --quick: Wan2.1-1.3B and CogVideoX1.5, local windows only, densities 0.1 and 0.3, cuDNN baseline, no
 Flex (a few minutes of GPU time). Each sparse row's note names the head orders the plan chose (fm,
 sm, cube) and the full / partial tile counts. --cube-walks also times every layer with cube-order
 heads under each walk the autotuner chooses between (SPARSE_VDIT_MERGED_CUBE=0 and =only), as
-extra rows named "... [loop per run]" and "... [merged walk]".
+extra rows named "... [loop per run]" and "... [merged walk]"; --paired-tiles times every row, dense
+included, with full tiles one and two a step (SPARSE_VDIT_PAIRED_TILES=0 and =only), as rows named
+"... [single tiles]" and "... [paired tiles]".
 
 Prints a markdown table last and writes it (and the rows as JSON) to --out (default $OUT or .).
 Every row is also logged as it is measured (attention_log.txt); `--table-from LOG` prints the table
@@ -215,6 +217,18 @@ def mixed_layer(heads: int, geom: VideoGeometry) -> tuple:
 
 
 CUBE_WALKS = (("0", "loop per run"), ("only", "merged walk"))  # SPARSE_VDIT_MERGED_CUBE values
+PAIRINGS = (("0", "single tiles"), ("only", "paired tiles"))  # SPARSE_VDIT_PAIRED_TILES values
+
+
+def forced_choices(tables, cube_walks: bool, paired_tiles: bool) -> list:
+    """(environment variable, value, row label) of each forced kernel choice a layer's row is also
+    timed under: the cube-order walks where its tables have cube-order heads, the full-tile pairings."""
+    forced = []
+    if cube_walks and tables.uses_cube_order():
+        forced += [("SPARSE_VDIT_MERGED_CUBE", mode, label) for mode, label in CUBE_WALKS]
+    if paired_tiles:
+        forced += [("SPARSE_VDIT_PAIRED_TILES", mode, label) for mode, label in PAIRINGS]
+    return forced
 
 
 @contextlib.contextmanager
@@ -233,7 +247,7 @@ def env_set(name: str, value: str):
 
 def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", dtype=torch.bfloat16,
                 use_flex: bool = True, baselines=("cudnn", "flash", "sage"), families=FAMILIES,
-                cube_walks: bool = False) -> None:
+                cube_walks: bool = False, paired_tiles: bool = False) -> None:
     """Time and check every variant at one (label, geometry, heads, head_dim); rows appended."""
     label, geom, H, D = shape
     L = geom.seq_len
@@ -288,6 +302,12 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
         dense_ms = time_ms(lambda: dense_plan.run(q, k, v))
         add("ours dense" + tag, dense_ms, 1.0, dense_plan.tile_density,
             err=rel_err(out, dense_ref) if dense_ref is not None else None, note=tuned_config_name())
+        for var, mode, label in forced_choices(dense_plan.tables, False, paired_tiles):
+            with env_set(var, mode):
+                out = dense_plan.run(q, k, v)
+                ms = time_ms(lambda: dense_plan.run(q, k, v))
+            add(f"ours dense{tag} [{label}]", ms, 1.0, dense_plan.tile_density,
+                err=rel_err(out, dense_ref) if dense_ref is not None else None, note=tuned_config_name())
         configs = [(f"{fam} {d:g}", (pattern_for_density(fam, d, geom),) * H)
                    for fam in families for d in densities]
         if tuple(families) == tuple(FAMILIES):
@@ -315,11 +335,11 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
                     log(traceback.format_exc())
             add(name + tag, ms, token_density, plan.tile_density, flex_ms, err, note,
                 efficiency=token_density * dense_ms / ms)
-            for mode, walk in CUBE_WALKS if cube_walks and plan.tables.uses_cube_order() else ():
-                with env_set("SPARSE_VDIT_MERGED_CUBE", mode):
+            for var, mode, label in forced_choices(plan.tables, cube_walks, paired_tiles):
+                with env_set(var, mode):
                     err = sampled_error(plan.run(q, k, v, dense=sdpa), q, k, v, plan.head_rules, geom)
                     ms = time_ms(lambda: plan.run(q, k, v, dense=sdpa))
-                add(f"{name}{tag} [{walk}]", ms, token_density, plan.tile_density, err=err,
+                add(f"{name}{tag} [{label}]", ms, token_density, plan.tile_density, err=err,
                     note=tuned_config_name(), efficiency=token_density * dense_ms / ms)
         clear_plans()
     del q, k, v
@@ -374,6 +394,8 @@ def main(argv=None) -> None:
                     "runs only with all of them)")
     ap.add_argument("--cube-walks", action="store_true",
                     help="also time layers with cube-order heads under each cube-order walk")
+    ap.add_argument("--paired-tiles", action="store_true",
+                    help="also time every row with full tiles one and two a step")
     ap.add_argument("--quick", action="store_true",
                     help="wan13b,cogvideox; local_window at 0.1,0.3; cuDNN baseline; no Flex")
     ap.add_argument("--table-from", metavar="LOG",
@@ -413,7 +435,8 @@ def main(argv=None) -> None:
         try:
             use_flex = args.flex_shapes is None or key in args.flex_shapes.split(",")
             bench_shape(SHAPES[key], densities, tiles, rows, log, use_flex=use_flex,
-                        baselines=args.baselines.split(","), families=families, cube_walks=args.cube_walks)
+                        baselines=args.baselines.split(","), families=families, cube_walks=args.cube_walks,
+                        paired_tiles=args.paired_tiles)
         except Exception:
             log(traceback.format_exc())
         with open(os.path.join(args.out, "attention_rows.json"), "w") as fh:

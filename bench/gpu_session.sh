@@ -2,7 +2,7 @@
 # One lent-H200 call that refreshes the benchmarks not yet measured (BENCHMARKS.md, "Next GPU
 # session"), each step time-boxed so a slow one cannot eat the others; logs and tables under $OUT.
 # Run from the repository root with the diffusers wheel in .whl/ (carry .whl):
-#   bash bench/gpu_session.sh [attention engine tma profile e2e search quality parity]
+#   bash bench/gpu_session.sh [attention engine tma profile paired e2e search quality parity]
 set -uo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -38,6 +38,13 @@ for step in ${steps[*]}; do
                  --nvtx --nvtx-include "profile/" \
                  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                  python3 -m sparse_vdit.bench.profile_layer --shape cogvideox ;;
+    paired)    # full tiles one or two a step, each forced, next to the autotuned choice; then the GPU tests of
+               # both ways and of the testbed's GPU batches (one config per key)
+               SPARSE_VDIT_TRITON_CONFIGS=8x3 timeout "${GPU_TEST_SECONDS:-120}" python3 -m pytest -q tests/gpu \
+                 -k "paired or testbed"
+               timeout "${PAIRED_SECONDS:-360}" python3 -m sparse_vdit.bench.attention --shapes cogvideox,wan14b \
+                 --densities 0.1,0.5 --families diagonal,multi_diagonal --baselines cudnn --flex-shapes "" \
+                 --paired-tiles --out "$OUT/paired" ;;
     e2e)       timeout "${E2E_SECONDS:-300}" python3 -m sparse_vdit.bench.e2e --models "${E2E_MODELS:-hunyuan,cogvideox,wan13b}" \
                  --out "$OUT/e2e.md" ;;
     search)    timeout "${SEARCH_SECONDS:-120}" python3 -m sparse_vdit.bench.search --out "$OUT/search.md" ;;
@@ -47,7 +54,7 @@ for step in ${steps[*]}; do
                PYTHONPATH=$PYTHONPATH:$PWD/.comfy/ComfyUI COMFYUI_ROOT=$PWD/.comfy/ComfyUI timeout "${PARITY_SECONDS:-280}" \
                  python3 -m sparse_vdit.bench.comfyui_parity --model wan13b --repeats 5 --warmup 2 \
                  --budget "${PARITY_BUDGET:-170}" --out "$OUT/comfyui_parity.md" ;;
-    *) echo "unknown step $step (attention engine tma profile e2e search quality parity)"; exit 2 ;;
+    *) echo "unknown step $step (attention engine tma profile paired e2e search quality parity)"; exit 2 ;;
   esac 2>&1 | tee "$OUT/$step.log" | grep -E "^\||rror" || true
 done
 # at most 8 files come back: everything goes home as one archive

@@ -1,7 +1,7 @@
 """The sparse-attention kernel's SASS per k-tile loop, compiled for a GPU on the CPU (no GPU needed).
 
     python3 -m sparse_vdit.bench.kernel_sass [--arch 90] [--head-dim 128] [--tiles 128x64]
-                                             [--warps 8] [--stages 3] [--no-tma] [--merged-cube]
+                                             [--warps 8] [--stages 3] [--no-tma] [--merged-cube] [--paired]
                                              [--out FILE]
 
 Triton builds the sm_`arch` binary with the divisibility hints of a real launch; `nvdisasm` (shipped
@@ -54,7 +54,7 @@ def kernel_loops(sass: str) -> list[list[str]]:
             labels.update((name, len(instructions)) for name in pending)
             pending = []
             instructions.append(match.group(1))
-    loops = []
+    spans = []
     for end, instruction in enumerate(instructions):
         branch = _BRANCH.search(instruction)
         start = labels.get(branch.group(1), end + 1) if branch else end + 1
@@ -62,15 +62,10 @@ def kernel_loops(sass: str) -> list[list[str]]:
         # a span holding EXIT is no loop: an out-of-line block after the exit branching back into one
         if (start <= end and any(_opcode(i) in ("HGMMA", "HMMA") for i in body)
                 and not any(_opcode(i) == "EXIT" for i in body)):
-            loops.append(body)
-    return _innermost(loops)
-
-
-def _innermost(loops: list[list[str]]) -> list[list[str]]:
-    """Loops that contain no other tensor-core loop (outer loops repeat their bodies)."""
-    counts = [sum(_opcode(i) in ("HGMMA", "HMMA") for i in body) for body in loops]
-    smallest = min(counts, default=0)
-    return [body for body, n in zip(loops, counts) if n == smallest]
+            spans.append((start, end))
+    # innermost: no other tensor-core loop inside (outer loops repeat their bodies)
+    return [instructions[a:b + 1] for a, b in spans
+            if not any((a, b) != (c, d) and a <= c and d <= b for c, d in spans)]
 
 
 def loop_table(body: list[str]) -> dict:
@@ -98,12 +93,15 @@ def main(argv=None) -> None:
     parser.add_argument("--no-tma", action="store_true", help="the gathered-load kernel (pre-Hopper path)")
     parser.add_argument("--merged-cube", action="store_true",
                         help="with the merged run walk of cube-order heads (an autotuned TMA variant)")
+    parser.add_argument("--paired", action="store_true",
+                        help="with full tiles two a step (an autotuned TMA variant)")
     parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     block_m, block_n = (int(x) for x in args.tiles.split("x"))
     tma = not args.no_tma and args.arch >= 90
     kernel = compile_for_target(args.arch, args.head_dim, block_m, block_n, tma, args.warps, args.stages,
-                                merged_cube=args.merged_cube and tma, maxnreg=args.maxnreg)
+                                merged_cube=args.merged_cube and tma, maxnreg=args.maxnreg,
+                                paired=args.paired and tma)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:

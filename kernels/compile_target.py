@@ -12,12 +12,12 @@ _FLOATS = {"inv_F", "inv_W", "inv_P", "qk_scale"}
 
 def compile_for_target(arch: int, head_dim: int, block_m: int, block_n: int, use_tma: bool, warps: int,
                        stages: int, descriptors: bool | None = None, kv_len: bool = True,
-                       merged_cube: bool = False, maxnreg: int | None = None):
+                       merged_cube: bool = False, maxnreg: int | None = None, paired: bool = False):
     """The Triton CompiledKernel of `_sparse_attention_fwd` for sm_`arch` (bf16, one autotune
     config), with the divisibility hints a real launch gets (16-aligned pointers and strides).
     `descriptors` (default: use_tma) says whether the K/V arguments are TMA descriptors;
-    `merged_cube` compiles the merged run walk of cube-order heads (needs use_tma); `maxnreg` caps
-    the registers per thread as an autotune config's `maxnreg` does."""
+    `merged_cube` compiles the merged run walk of cube-order heads and `paired` full tiles two a step
+    (both need use_tma); `maxnreg` caps the registers per thread as an autotune config's `maxnreg` does."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -27,7 +27,7 @@ def compile_for_target(arch: int, head_dim: int, block_m: int, block_n: int, use
     fn = _sparse_attention_fwd.fn
     descriptors = use_tma if descriptors is None else descriptors
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len, PRECISION="tf32",
-                 USE_TMA=use_tma, MERGED_CUBE=merged_cube)
+                 USE_TMA=use_tma, MERGED_CUBE=merged_cube, PAIRED=paired)
     signature = {}
     for name in fn.arg_names:
         if name in const:

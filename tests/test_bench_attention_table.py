@@ -38,3 +38,17 @@ def test_env_set_restores_the_variable(monkeypatch):
     except RuntimeError:
         pass
     assert os.environ["SPARSE_VDIT_MERGED_CUBE"] == "1"
+
+
+def test_forced_choices_follow_the_flags_and_the_tables():
+    from sparse_vdit.kernels import rule as R
+    from sparse_vdit.kernels import tables_from_rules
+
+    cube = tables_from_rules([R.make_rule(order=R.CUBE, win=(1, 2, 2))], 0, 3, 16, 16, 768, 64, 64)
+    band = tables_from_rules([R.make_rule(diag=40)], 0, 3, 16, 16, 768, 64, 64)
+    assert attention.forced_choices(band, cube_walks=True, paired_tiles=False) == []
+    assert [c[2] for c in attention.forced_choices(cube, True, False)] == ["loop per run", "merged walk"]
+    assert attention.forced_choices(band, True, True) == [("SPARSE_VDIT_PAIRED_TILES", "0", "single tiles"),
+                                                          ("SPARSE_VDIT_PAIRED_TILES", "only", "paired tiles")]
+    assert [c[0] for c in attention.forced_choices(cube, True, True)] == ["SPARSE_VDIT_MERGED_CUBE"] * 2 + [
+        "SPARSE_VDIT_PAIRED_TILES"] * 2

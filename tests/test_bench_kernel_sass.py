@@ -59,3 +59,20 @@ def test_the_kernel_has_full_and_masked_loops_per_load_path(cap):
     assert full < masked and all(lp["mma"] == loops[0]["mma"] for lp in loops)
     registers = int(re.search(r"(\d+) registers", run.stdout).group(1))
     assert registers <= (cap or 255)
+
+
+def test_paired_full_tiles_are_one_loop_of_two_tiles_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "sparse_vdit.bench.kernel_sass", "--head-dim", "128", "--paired"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode and "not found" in run.stderr:
+        pytest.skip("no ptxas / nvdisasm in this Triton install")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "loop" not in line]
+    loops = [dict(n=int(r[1]), mma=int(r[2]), tma=int(r[3]), selects=int(r[5]), spills=int(r[6])) for r in rows]
+    single = min(lp["mma"] for lp in loops)
+    pairs = [lp for lp in loops if lp["mma"] == 2 * single]
+    # one paired loop per TMA source (inputs, copies), each two tiles' loads and MMAs, unmasked
+    assert len(pairs) == 2 and all(lp["tma"] == 4 and lp["selects"] == 0 and lp["spills"] == 0 for lp in pairs)
+    full = next(lp for lp in loops if lp["mma"] == single and lp["selects"] == 0 and lp["tma"] == 2)
+    assert pairs[0]["n"] < 2 * full["n"]  # fewer instructions a tile than one tile a step
