@@ -302,11 +302,11 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
         dense_ms = time_ms(lambda: dense_plan.run(q, k, v))
         add("ours dense" + tag, dense_ms, 1.0, dense_plan.tile_density,
             err=rel_err(out, dense_ref) if dense_ref is not None else None, note=tuned_config_name())
-        for var, mode, label in forced_choices(dense_plan.tables, False, paired_tiles):
+        for var, mode, choice in forced_choices(dense_plan.tables, False, paired_tiles):
             with env_set(var, mode):
                 out = dense_plan.run(q, k, v)
                 ms = time_ms(lambda: dense_plan.run(q, k, v))
-            add(f"ours dense{tag} [{label}]", ms, 1.0, dense_plan.tile_density,
+            add(f"ours dense{tag} [{choice}]", ms, 1.0, dense_plan.tile_density,
                 err=rel_err(out, dense_ref) if dense_ref is not None else None, note=tuned_config_name())
         configs = [(f"{fam} {d:g}", (pattern_for_density(fam, d, geom),) * H)
                    for fam in families for d in densities]
@@ -335,11 +335,11 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
                     log(traceback.format_exc())
             add(name + tag, ms, token_density, plan.tile_density, flex_ms, err, note,
                 efficiency=token_density * dense_ms / ms)
-            for var, mode, label in forced_choices(plan.tables, cube_walks, paired_tiles):
+            for var, mode, choice in forced_choices(plan.tables, cube_walks, paired_tiles):
                 with env_set(var, mode):
                     err = sampled_error(plan.run(q, k, v, dense=sdpa), q, k, v, plan.head_rules, geom)
                     ms = time_ms(lambda: plan.run(q, k, v, dense=sdpa))
-                add(f"{name}{tag} [{label}]", ms, token_density, plan.tile_density, err=err,
+                add(f"{name}{tag} [{choice}]", ms, token_density, plan.tile_density, err=err,
                     note=tuned_config_name(), efficiency=token_density * dense_ms / ms)
         clear_plans()
     del q, k, v

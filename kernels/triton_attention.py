@@ -122,13 +122,15 @@ def tuned_config_name() -> str:
 def _prune_configs(configs, named_args, **kwargs) -> list:
     """TMA configs only when the call has descriptors; merged cube-order walks only when cube-order
     heads read copies (has_cube_copies 1), and then nothing else under SPARSE_VDIT_MERGED_CUBE=only
-    (has_cube_copies 2); paired full tiles as `paired_tiles` says (0 never, 1 tuned, 2 only, with
-    TMA); register caps only for sparse layers at head_dim 64. At 128 a CTA needs
+    (has_cube_copies 2); paired full tiles as `paired_tiles` says (0 never, 1 tuned at head_dim
+    128, 2 only, with TMA); register caps only for sparse layers at head_dim 64. At 128 a CTA needs
     132 KB of shared memory at 3 stages, so two never share an SM and the cap only adds spills; a
     dense layer's long q-tiles hide their prologues, and timed alone the capped 8x3 ran dense d = 64
     at 65.71 ms against 63.01 for 4x3 uncapped (attention run I, profile call)."""
     only = named_args["has_cube_copies"] == 2
     paired = named_args["paired_tiles"]
+    if paired == 1 and kwargs.get("HEAD_DIM") == 64:  # never the faster at d = 64 (attention run J)
+        paired = 0
     kept = [c for c in configs if (named_args["has_desc"] or not c.kwargs["USE_TMA"])
             and (named_args["has_cube_copies"] or not c.kwargs["MERGED_CUBE"])
             and (c.kwargs["MERGED_CUBE"] or not only)

@@ -477,9 +477,10 @@ def test_cube_order_walk_is_tuned_only_where_cube_heads_read_copies(monkeypatch)
     assert capped_only and all(c.maxnreg == 128 for c in capped_only)
     assert TA._prune_configs(capped_only, {"has_desc": 1, "has_cube_copies": 0, "paired_tiles": 1}, HEAD_DIM=128)
     monkeypatch.delenv("SPARSE_VDIT_TRITON_CONFIGS")
-    # paired full tiles (TMA only): never, tuned against single tiles, or only them
-    for paired, want in ((0, {False}), (1, {False, True}), (2, {True})):
-        kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 0, "paired_tiles": paired})
+    # paired full tiles (TMA only): never, tuned against single tiles (at head_dim 128), or only them
+    for paired, head_dim, want in ((0, 128, {False}), (1, 128, {False, True}), (1, 64, {False}), (2, 64, {True})):
+        kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 0, "paired_tiles": paired,
+                                           "density_bucket": 0}, HEAD_DIM=head_dim)
         assert {c.kwargs["PAIRED"] for c in kept if c.kwargs["USE_TMA"]} == want
         assert any(not c.kwargs["USE_TMA"] for c in kept)
     assert not any(c.kwargs["PAIRED"] and not c.kwargs["USE_TMA"] for c in configs)
