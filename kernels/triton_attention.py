@@ -63,10 +63,10 @@ def _autotune_configs() -> list:
     over, and with TMA how cube-order heads walk their runs (MERGED_CUBE, see
     `_attend_cube_runs_tma`). 8 warps at 255 registers a thread fill an SM's register file, so one
     CTA runs per SM and each q-tile's prologue, epilogue and pipeline fills are exposed; capped at
-    128 (sparse layers at d = 64 only, see `_prune_configs`), two CTAs share an SM. SPARSE_VDIT_TRITON_CONFIGS="8x3,8x3r128"
-    narrows the choice. With TMA each config also comes with full tiles taken two a step (PAIRED,
-    see `_attend_tile_pairs_tma`). (The interpreter bypasses the autotuner: `launch_sparse_attention`
-    runs the load path the call has descriptors for.)"""
+    128 (sparse layers at d = 64 only, see `_prune_configs`), two CTAs share an SM. With TMA each
+    config also comes with full tiles taken two a step (PAIRED, see `_attend_tile_pairs_tma`).
+    SPARSE_VDIT_TRITON_CONFIGS="8x3,8x3r128" narrows the choice. (The interpreter bypasses the
+    autotuner: `launch_sparse_attention` runs the load path the call has descriptors for.)"""
     tma, gathered = ((8, 2, None), (8, 3, None), (8, 4, None), (4, 3, None), (8, 3, 128)), ((8, 2, None), (8, 3, None))
     chosen = os.environ.get("SPARSE_VDIT_TRITON_CONFIGS")
     if chosen:
@@ -461,16 +461,17 @@ def _work_item(pid, n_active, L, prefix, N, BLOCK_M: tl.constexpr):
 
 
 # work_bucket (bit length of the program count), density_bucket (the layer's visited-tile density,
-# log2 steps), has_desc, has_cube_copies and paired_tiles are only autotune keys: the best load path, run walk and
-# warps/stages depend on how many programs fill the GPU and how many runs and partial tiles each
-# walks (a dense layer's best config is not a sparse one's), TMA configs need descriptors and merged
-# cube-order walks need cube-order heads reading copies (paired_tiles: see `_paired_tiles_mode`).
+# log2 steps), has_desc, has_cube_copies and paired_tiles are only autotune keys: the best load path,
+# run walk and warps/stages depend on how many programs fill the GPU and how many runs and partial
+# tiles each walks (a dense layer's best config is not a sparse one's), TMA configs need descriptors,
+# merged cube-order walks need cube-order heads reading copies, and either choice may be forced
+# (`_tuned_choice`).
 @triton.autotune(configs=_autotune_configs(),
                  key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PRECISION", "work_bucket", "density_bucket", "has_desc",
                       "has_cube_copies", "paired_tiles"],
                  prune_configs_by={"early_config_prune": _prune_configs},
                  do_bench=_time_config, cache_results=True)
-@triton.jit(do_not_specialize=["n_active", "work_bucket", "has_cube_copies", "paired_tiles"])  # one binary whatever the head mix
+@triton.jit(do_not_specialize=["n_active", "work_bucket", "has_cube_copies", "paired_tiles"])  # one binary a config
 def _sparse_attention_fwd(
     Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN, CUBE_MAP, DESC_K, DESC_V, DESC_KS, DESC_VS, SLOT,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
@@ -627,20 +628,13 @@ def _tma_enabled() -> bool:
     return os.environ.get("SPARSE_VDIT_TMA", "1") != "0"
 
 
-def _merged_cube_mode() -> str:
-    """How cube-order heads reading copies walk their runs, from SPARSE_VDIT_MERGED_CUBE: "tune"
-    (default: the autotuner times the merged walk and the loop-per-run walk), "off" (=0: loop per
-    run) or "only" (the merged walk; for tests and benchmarks)."""
-    value = os.environ.get("SPARSE_VDIT_MERGED_CUBE", "1")
-    return {"0": "off", "only": "only"}.get(value, "tune")
-
-
-def _paired_tiles_mode() -> int:
-    """Whether full k-tiles read by TMA go two a step (`_attend_tile_pairs_tma`), from
-    SPARSE_VDIT_PAIRED_TILES: 1 (default: the autotuner times both), 0 (never) or 2 (=only: always;
-    for tests and benchmarks)."""
-    value = os.environ.get("SPARSE_VDIT_PAIRED_TILES", "1")
-    return {"0": 0, "only": 2}.get(value, 1)
+def _tuned_choice(variable: str) -> int:
+    """How an autotuned kernel choice is made, from an environment variable: 1 (default: the
+    autotuner times it against the alternative), 0 (=0: never) or 2 (=only: always; for tests and
+    benchmarks). SPARSE_VDIT_MERGED_CUBE: the merged walk of cube-order heads reading copies
+    (`_attend_cube_runs_tma`); SPARSE_VDIT_PAIRED_TILES: full TMA tiles two a step
+    (`_attend_tile_pairs_tma`)."""
+    return {"0": 0, "only": 2}.get(os.environ.get(variable, "1"), 1)
 
 
 def _row_descriptor(x: torch.Tensor, block_rows: int):
@@ -732,8 +726,8 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     # only; a key of the autotuner, so a forced walk is never served a config tuned without it
     has_cube_copies = 0
     if copies and cube_map is not None:
-        has_cube_copies = {"off": 0, "tune": 1, "only": 2}[_merged_cube_mode()]
-    paired_tiles = _paired_tiles_mode()
+        has_cube_copies = _tuned_choice("SPARSE_VDIT_MERGED_CUBE")
+    paired_tiles = _tuned_choice("SPARSE_VDIT_PAIRED_TILES")
     args = (qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads,
             kv_len if kv_len is not None else head_rules,
             cube_map if cube_map is not None else head_rules,
