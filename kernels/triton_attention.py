@@ -123,7 +123,8 @@ def _prune_configs(configs, named_args, **kwargs) -> list:
     """TMA configs only when the call has descriptors; merged cube-order walks only when cube-order
     heads read copies (has_cube_copies 1), and then nothing else under SPARSE_VDIT_MERGED_CUBE=only
     (has_cube_copies 2); paired full tiles as `paired_tiles` says (0 never, 1 tuned at head_dim
-    128, 2 only, with TMA); register caps only for sparse layers at head_dim 64. At 128 a CTA needs
+    128, 2 only, with TMA) and at most 3 stages (a fourth needs 289 KB of shared memory at d = 128,
+    more than a Hopper SM has); register caps only for sparse layers at head_dim 64. At 128 a CTA needs
     132 KB of shared memory at 3 stages, so two never share an SM and the cap only adds spills; a
     dense layer's long q-tiles hide their prologues, and timed alone the capped 8x3 ran dense d = 64
     at 65.71 ms against 63.01 for 4x3 uncapped (attention run I, profile call)."""
@@ -134,7 +135,7 @@ def _prune_configs(configs, named_args, **kwargs) -> list:
     kept = [c for c in configs if (named_args["has_desc"] or not c.kwargs["USE_TMA"])
             and (named_args["has_cube_copies"] or not c.kwargs["MERGED_CUBE"])
             and (c.kwargs["MERGED_CUBE"] or not only)
-            and (paired or not c.kwargs["PAIRED"])
+            and (paired or not c.kwargs["PAIRED"]) and (c.num_stages <= 3 or not c.kwargs["PAIRED"])
             and (c.kwargs["PAIRED"] or paired < 2 or not c.kwargs["USE_TMA"])]
     uncapped = [c for c in kept if c.maxnreg is None]
     capped_pays = kwargs.get("HEAD_DIM") == 64 and named_args["density_bucket"] > 0

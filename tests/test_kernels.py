@@ -483,6 +483,7 @@ def test_cube_order_walk_is_tuned_only_where_cube_heads_read_copies(monkeypatch)
                                            "density_bucket": 0}, HEAD_DIM=head_dim)
         assert {c.kwargs["PAIRED"] for c in kept if c.kwargs["USE_TMA"]} == want
         assert any(not c.kwargs["USE_TMA"] for c in kept)
+        assert not any(c.kwargs["PAIRED"] and c.num_stages > 3 for c in kept)
     assert not any(c.kwargs["PAIRED"] and not c.kwargs["USE_TMA"] for c in configs)
     launched = []
     original = TA._sparse_attention_fwd.fn
