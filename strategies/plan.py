@@ -2,21 +2,26 @@
 
 Tiles are classified without an L x L mask. A q-tile (block_m consecutive physical rows) is cut
 into segments: in frame-major order at frames (and rows when a window is on), in space-major
-order at spatial positions. For each segment every component of the head rule gives the key
-intervals, in physical order, that some query attends ("any") and that all its queries attend
-("all"). A k-tile is visited when some segment's any-interval touches it (exact); it is full when
-it lies inside the merged all-intervals of every grid segment of the q-tile (conservative: a full
-tile marked partial is still exact, only slower). Key-only parts (non-grid keys, stripes) give
-each k-tile a code (from per-key booleans when stripes are on). Tile ranges are combined by sorted sweeps over their end
-points, so the cost grows with the number of intervals, never with L x L or tiles x tiles.
+order at spatial positions (unless the band covers every frame). For each segment every component
+of the head rule gives the key intervals, in physical order, that some query attends ("any") and
+that all its queries attend ("all"); in frame-major order stripes are such intervals too. A k-tile
+is visited when some segment's any-interval touches it (exact); it is full when it lies inside the
+merged all-intervals of every grid segment of the q-tile (conservative: a full tile marked partial
+is still exact, only slower). Keys every query attends that no interval holds (non-grid keys;
+stripes in space-major order) give each k-tile a code (from per-key booleans when stripes are
+on). Tile ranges are combined by one sorted sweep over their end points, so the cost grows with
+the number of intervals, never with L x L or tiles x tiles.
 
-Cube order (ORDER 2, windows) is classified per (q-tile, k-tile) pair instead: each tile's grid
-tokens span a box of frames, rows and columns, and a window attends some pair when the per-axis box
-distance is within its radii (exact for box-shaped tiles, a superset for tiles straddling cubes) and
-every pair when the per-axis largest distance is (conservative). Frames ascend in cube order, so
-the frame test is a range of k-tiles (a band) per q-tile; only the band's pairs are compared, in
-chunks. A pair's code (0 not visited, 1 partial, 2 full) is the largest of the window's, its
-k-tile's key-only code and its q-tile's non-grid-row code; the runs of one code are the table.
+Cube order (ORDER 2, windows) is classified from tile boxes instead: each tile's grid tokens span a
+box of frames, rows and columns, and a window attends some pair of a q-tile and a k-tile when the
+per-axis box distance is within its radii (exact for box-shaped tiles, a superset for tiles
+straddling cubes) and every pair when the per-axis largest distance is (conservative). A pair's
+code (0 not visited, 1 partial, 2 full) is the largest of the window's, its k-tile's key-only code
+and its q-tile's non-grid-row code. Frames ascend in cube order, so the frame test cuts each q-tile's
+k-tiles into a few ranges; the row and column tests depend only on the tiles' box classes, so each
+range is read from the runs of a code row shared by the q-tiles of one class (_cube_tile_runs). A
+window gets the cheaper (tile_cost) of frame-major and cube order; frame-major is compiled only
+when a lower bound of its cost from token counts does not already exceed the cube-order cost.
 
 Each distinct rule is classified once per (geometry, tiles, device) and its range-encoded runs are
 appended to one append-only pool shared by every head, layer and bucket; head rules carry
@@ -47,10 +52,7 @@ def _cdiv(a, b):
 # A partial (masked) tile costs about this many full tiles (H200, bench/results/attention.md).
 PARTIAL_TILE_COST = 3.8
 
-# Largest number of (q-tile, k-tile) pairs the cube-order classifier compares at once.
-_PAIR_CHUNK = 1 << 20
-
-# Threads classifying a layer's new rules at once (each holds at most _PAIR_CHUNK pair codes).
+# Threads classifying a layer's new rules at once.
 # One: a rule's classification is many short numpy calls, and threads hand the GIL over at each, so
 # two threads compiled a searched 720p layer slower than one on 2 cores (BENCHMARKS.md, plan compiler).
 _CLASSIFY_THREADS = 1
@@ -70,14 +72,14 @@ class _Intervals:
         self.end.append(end[keep].ravel())
 
     def arrays(self):
-        return tuple(np.concatenate(a).astype(np.int64) for a in (self.seg, self.start, self.end))
+        return tuple(np.concatenate(a).astype(np.int64, copy=False) for a in (self.seg, self.start, self.end))
 
 
 @functools.lru_cache(maxsize=32)
 def _segments(geom: VideoGeometry, block_m: int, inner: int):
     """Grid segments [a0, a1) of physical grid positions, cut at q-tiles and at multiples of
     `inner`; returns a0, a1, each segment's q-tile and the (segment, start, end) intervals of every
-    rule: any (each query attends itself) and all (itself when alone, and the non-grid keys)."""
+    rule: any (each query attends itself) and all (itself when alone)."""
     N, pre = geom.grid_tokens, geom.prefix
     nq = _cdiv(geom.seq_len, block_m)
     cuts = np.concatenate([np.arange(0, N + 1, inner),
@@ -86,10 +88,8 @@ def _segments(geom: VideoGeometry, block_m: int, inner: int):
     cuts = cuts[np.append(True, cuts[1:] != cuts[:-1])]
     a0, a1 = cuts[:-1], cuts[1:]
     seg = np.arange(a0.size)
-    all_iv = _Intervals(seg[a1 - a0 == 1], a0[a1 - a0 == 1], a1[a1 - a0 == 1])
-    for start, end in ((-pre, 0), (N, geom.seq_len - pre)):  # non-grid keys, in grid coordinates
-        all_iv.add(seg, start, end)
-    out = (a0, a1, (a0 + pre) // block_m, (seg, a0, a1), all_iv.arrays())
+    alone = a1 - a0 == 1
+    out = (a0, a1, (a0 + pre) // block_m, (seg, a0, a1), (seg[alone], a0[alone], a1[alone]))
     for a in out[:3] + out[3] + out[4]:
         a.flags.writeable = False  # cached: shared by every caller
     return out
@@ -145,18 +145,19 @@ def _frame_major_intervals(rule, geom, a0, a1, any_iv: _Intervals, all_iv: _Inte
 
 def _space_major_intervals(rule, geom, a0, a1, any_iv: _Intervals, all_iv: _Intervals, block_n: int):
     """Any/all grid intervals of the multi-diagonal part in space-major order (p = s*F + f);
-    segments lie in one spatial position s."""
+    segments lie in one spatial position s, or span positions s0..s1 when the band covers every frame."""
     F, P = geom.frames, geom.tokens_per_frame
     seg = np.arange(a0.size)
-    s, f0, f1 = a0 // F, a0 % F, (a1 - 1) % F
+    s0, s1, f0, f1 = a0 // F, (a1 - 1) // F, a0 % F, (a1 - 1) % F
     S, T = rule[R.MD_S], rule[R.MD_T]
-    keys = (np.maximum(0, s - S), np.minimum(P - 1, s + S))
-    for iv, for_all, lo, hi in ((any_iv, False, f0 - T, f1 + T + 1), (all_iv, True, f1 - T, f0 + T + 1)):
-        _strided(iv, for_all, block_n, seg, 0, *keys, np.maximum(0, lo), np.minimum(F, hi), F)
+    for iv, for_all, keys, lo, hi in ((any_iv, False, (s0 - S, s1 + S), f0 - T, f1 + T + 1),
+                                      (all_iv, True, (s1 - S, s0 + S), f1 - T, f0 + T + 1)):
+        _strided(iv, for_all, block_n, seg, 0, np.maximum(0, keys[0]), np.minimum(P - 1, keys[1]),
+                 np.maximum(0, lo), np.minimum(F, hi), F)
 
 
 def _merge_per_group(group, start, end):
-    """Merge each group's intervals into disjoint ones, sorted (returns group, start, end)."""
+    """Merge each group's intervals (starts >= 0) into disjoint ones, sorted (returns group, start, end)."""
     if group.size == 0:
         return group, start, end
     span = int(end.max()) + 1
@@ -171,19 +172,19 @@ def _merge_per_group(group, start, end):
 
 
 _CHANNEL = 1 << 31  # the sweep's second count rides in the high bits of one int64 sum
-_EVENT_WEIGHT = np.array([1, -1, _CHANNEL, -_CHANNEL])  # range start / end, first then second channel
 
 
-def _sweep(qt, lo, hi, second, nk):
-    """Cover counts of tile ranges [lo, hi) per q-tile, in two channels (`second` marks ranges of
-    the second): pieces (qt, start, end, first count, second count) of constant counts, sorted and
-    non-empty, covering every position between a q-tile's first and last event."""
+def _sweep(qt, lo, hi, kind, weights, nk):
+    """Cover counts of tile ranges [lo, hi) per q-tile: a range of `kind` k adds weights[k] (first
+    count + _CHANNEL * second count) over its positions. Pieces (qt, start, end, first count, second
+    count) of constant counts, sorted and non-empty, covering every position between a q-tile's first
+    and last event."""
     bits = int(nk).bit_length()  # positions 0..nk
-    start = ((qt.astype(np.int64) << bits) + lo) * 4 + np.where(second, 2, 0)  # event: (q, pos, kind)
-    events = np.concatenate([start, start + (hi - lo) * 4 + 1])
+    start = ((qt.astype(np.int64) << bits) + lo) * 8 + 2 * kind  # event: (q, pos, kind, is end)
+    events = np.concatenate([start, start + (hi - lo) * 8 + 1])
     events.sort(kind="stable")  # timsort: sorted runs merge fast (equal events may come in any order)
-    counts = np.cumsum(_EVENT_WEIGHT[events & 3])
-    q, pos = events >> (bits + 2), events >> 2 & ((1 << bits) - 1)
+    counts = np.cumsum(np.stack([weights, -weights], 1).ravel()[events & 7])
+    q, pos = events >> (bits + 3), events >> 3 & ((1 << bits) - 1)
     i = np.nonzero((q[1:] == q[:-1]) & (pos[1:] > pos[:-1]))[0]
     return q[i], pos[i], pos[i + 1], counts[i] & (_CHANNEL - 1), counts[i] >> 31
 
@@ -197,40 +198,64 @@ def _ranges(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _key_code(rule, order, geom: VideoGeometry, block_n: int) -> np.ndarray:
     """Per k-tile (int8): 2 when made only of keys every query attends (non-grid, stripe; keys past L
     count as such), 1 when holding such a key, else 0."""
+    return _stripe_key_code(tuple(rule[R.STRIPE_FIRST:]), order, geom, block_n)
+
+
+@functools.lru_cache(maxsize=256)
+def _stripe_key_code(stripes: tuple, order, geom: VideoGeometry, block_n: int) -> np.ndarray:
+    """_key_code of rules whose stripe part rule[STRIPE_FIRST:] is `stripes` (() for none)."""
+    if not stripes or (stripes[0] <= 0 and stripes[1] <= 0):  # non-grid keys only: coded as rows are
+        return _row_code(geom, block_n)
     L, N, F, P, pre = geom.seq_len, geom.grid_tokens, geom.frames, geom.tokens_per_frame, geom.prefix
     nk = _cdiv(L, block_n)
-    if rule[R.STRIPE_FIRST] <= 0 and rule[R.N_COLS] <= 0:  # non-grid keys only: two intervals
-        start = np.arange(nk) * block_n
-        some = (start < pre) | (np.minimum(start + block_n, L) > pre + N)
-        return some.astype(np.int8) + ((start + block_n <= pre) | (start >= pre + N))
+    first, n_cols, cols = stripes[0], stripes[1], stripes[2:]
     grid = np.zeros(N, dtype=bool)  # stripes: grid intervals in frame-major order
-    grid[: max(rule[R.STRIPE_FIRST], 0)] = True
-    for c in range(min(rule[R.N_COLS], R.MAX_COLS)):
-        grid[rule[R.COLS + 2 * c]: rule[R.COLS + 2 * c + 1]] = True
+    grid[: max(first, 0)] = True
+    for c in range(min(n_cols, R.MAX_COLS)):
+        grid[cols[2 * c]: cols[2 * c + 1]] = True
     if order == R.SPACE_MAJOR:
         grid = grid.reshape(F, P).T.ravel()
     elif order == R.CUBE:
         grid = grid[_cube_map(geom)]
     keys = np.ones(nk * block_n, dtype=bool)
     keys[pre: pre + N] = grid
-    attended = keys.reshape(nk, block_n)
-    some = attended.any(axis=1)
+    attended = np.add.reduceat(keys.view(np.uint8), np.arange(0, keys.size, block_n), dtype=np.int64)
+    some = attended > 0
     some[-1] = keys[(nk - 1) * block_n: L].any()  # real keys only
-    return some.astype(np.int8) + attended.all(axis=1)
+    code = some.astype(np.int8) + (attended == block_n)
+    code.flags.writeable = False  # cached: shared by every caller
+    return code
 
 
+@functools.lru_cache(maxsize=256)
+def _code_ranges(stripes: tuple, order, geom: VideoGeometry, block_m: int, block_n: int):
+    """(q-tile, lo, hi, kind) k-tile ranges of the key codes (_stripe_key_code) and the row codes:
+    kind 0 where either is > 0 (visited), kind 2 where either is 2 (full)."""
+    key, row = _stripe_key_code(stripes, order, geom, block_n), _row_code(geom, block_m)
+    nq, q, lo, hi, kind = row.size, [], [], [], []
+    for k, code in ((0, 1), (2, 2)):
+        start, end = _ranges(key >= code)  # for every q-tile
+        rows = np.flatnonzero(row >= code)  # every k-tile
+        q += [np.repeat(np.arange(nq), start.size), rows]
+        lo += [np.tile(start, nq), np.zeros_like(rows)]
+        hi += [np.tile(end, nq), np.full_like(rows, key.size)]
+        kind.append(np.full(nq * start.size + rows.size, k))
+    out = tuple(np.concatenate(a) for a in (q, lo, hi, kind))
+    for a in out:
+        a.flags.writeable = False  # cached: shared by every caller
+    return out
+
+
+@functools.lru_cache(maxsize=64)
 def _row_code(geom: VideoGeometry, block_m: int) -> np.ndarray:
     """Per q-tile (int8): 2 without grid rows (every k-tile full), 1 holding a non-grid row (it attends
     every key: every k-tile visited), else 0."""
     L, N, pre = geom.seq_len, geom.grid_tokens, geom.prefix
     lo = np.arange(_cdiv(L, block_m)) * block_m
     hi = np.minimum(lo + block_m, L)
-    return ((lo < pre) | (hi > pre + N)).astype(np.int8) + ((hi <= pre) | (lo >= pre + N))
-
-
-def _every_tile(nq: int, lo: np.ndarray, hi: np.ndarray):
-    """The k-tile ranges [lo, hi) repeated for each of nq q-tiles: (q-tile, lo, hi)."""
-    return np.repeat(np.arange(nq), lo.size), np.tile(lo, nq), np.tile(hi, nq)
+    code = ((lo < pre) | (hi > pre + N)).astype(np.int8) + ((hi <= pre) | (lo >= pre + N))
+    code.flags.writeable = False  # cached: shared by every caller
+    return code
 
 
 def tile_runs(rule, order: int, geom: VideoGeometry, block_m: int, block_n: int):
@@ -241,53 +266,53 @@ def tile_runs(rule, order: int, geom: VideoGeometry, block_m: int, block_n: int)
                          f"not a diagonal or window (rule {rule})")
     if order == R.CUBE:
         return _cube_tile_runs(rule, geom, block_m, block_n)
-    if order == R.SPACE_MAJOR:
-        inner = geom.frames
+    if order == R.SPACE_MAJOR:  # a band over every frame joins the positions of a q-tile
+        inner = geom.grid_tokens if rule[R.MD_T] >= geom.frames - 1 else geom.frames
     else:  # windows need one row per segment; bands only one frame
         inner = geom.width if rule[R.WIN_F] >= 0 else geom.tokens_per_frame
     a0, a1, seg_qt, any_base, all_base = _segments(geom, block_m, inner)
-    any_iv, all_iv = _Intervals(*any_base), _Intervals(*all_base)
-    if order == R.FRAME_MAJOR:  # stripes are intervals in frame-major order
+    holds_itself = (rule[R.DIAG] >= 0 or (rule[R.MD_S] >= 0 and rule[R.MD_T] >= 0)
+                    or (rule[R.WIN_F] >= 0 and rule[R.WIN_Y] >= 0 and rule[R.WIN_X] >= 0))
+    any_iv = _Intervals(*(a[:0] for a in any_base) if holds_itself else any_base)  # a query attends itself
+    all_iv = _Intervals(*all_base)
+    if order == R.FRAME_MAJOR:  # stripes are intervals every query attends; key codes: non-grid keys only
         for start, end in [(0, rule[R.STRIPE_FIRST])] + [(rule[R.COLS + 2 * c], rule[R.COLS + 2 * c + 1])
                                                          for c in range(max(rule[R.N_COLS], 0))]:
-            all_iv.add(any_base[0], start, end)
+            start, end = max(start, 0), min(end, geom.grid_tokens)
+            if end > start:
+                any_iv.add(any_base[0], start, end)
+                all_iv.add(any_base[0], start, end)
         _frame_major_intervals(rule, geom, a0, a1, any_iv, all_iv, block_n)
-    elif rule[R.MD_S] >= 0:
-        _space_major_intervals(rule, geom, a0, a1, any_iv, all_iv, block_n)
-    key, row = _key_code(rule, order, geom, block_n), _row_code(geom, block_m)
-    full = _full_parts(all_iv, seg_qt, key, row, geom, block_m, block_n)
-    visited = _visited_parts(any_iv, seg_qt, key, row, geom, block_m, block_n)
-    return _encode(visited, full, _cdiv(geom.seq_len, block_m), _cdiv(geom.seq_len, block_n))
+        stripes = ()
+    else:  # stripes scatter: key codes
+        stripes = tuple(rule[R.STRIPE_FIRST:])
+        if rule[R.MD_S] >= 0:
+            _space_major_intervals(rule, geom, a0, a1, any_iv, all_iv, block_n)
+    codes = _code_ranges(stripes, order, geom, block_m, block_n)
+    return _interval_tables(any_iv, all_iv, seg_qt, codes, geom, block_m, block_n)
 
 
-def _full_parts(all_iv: _Intervals, seg_qt, key, row, geom: VideoGeometry, block_m: int, block_n: int):
-    """(q-tile, lo, hi) k-tile ranges that are full: inside the merged all-intervals of every grid
-    segment of the q-tile, or full by their `key` code or their q-tile's `row` code."""
+def _interval_tables(any_iv: _Intervals, all_iv: _Intervals, seg_qt, codes, geom: VideoGeometry, block_m: int,
+                     block_n: int):
+    """(row_ptr, runs) of grid intervals and the codes' k-tile ranges (_code_ranges): a k-tile is
+    visited when an any-interval touches it or a code range of kind 0 holds it; full when it lies
+    inside the merged all-intervals of every grid segment of its q-tile, or a range of kind 2 holds it."""
     L, pre = geom.seq_len, geom.prefix
     nq, nk = _cdiv(L, block_m), _cdiv(L, block_n)
-    s, lo, hi = _merge_per_group(*all_iv.arrays())
-    lo, hi = _cdiv(lo + pre, block_n), np.where(hi + pre >= L, nk, (hi + pre) // block_n)
-    keep = hi > lo
-    q, start, end, count, _ = _sweep(seg_qt[s[keep]], lo[keep], hi[keep], False, nk)
-    segs_per_tile = np.bincount(seg_qt, minlength=nq)
-    full = count == segs_per_tile[q]
-    return [(q[full], start[full], end[full]), _every_tile(nq, *_ranges(key == 2)),
-            _all_tiles_of(np.nonzero(row == 2)[0], nk)]
-
-
-def _all_tiles_of(q_tiles: np.ndarray, nk: int):
-    """(q-tile, 0, nk): every k-tile of the given q-tiles."""
-    return q_tiles, np.zeros_like(q_tiles), np.full_like(q_tiles, nk)
-
-
-def _visited_parts(any_iv: _Intervals, seg_qt, key, row, geom: VideoGeometry, block_m: int, block_n: int):
-    """(q-tile, lo, hi) k-tile ranges that are visited: touched by an any-interval, or visited by
-    their `key` code or their q-tile's `row` code."""
-    L, pre = geom.seq_len, geom.prefix
-    nq, nk = _cdiv(L, block_m), _cdiv(L, block_n)
+    segments = np.bincount(seg_qt, minlength=nq)
     s, lo, hi = any_iv.arrays()
-    return [(seg_qt[s], (lo + pre) // block_n, (hi + pre - 1) // block_n + 1), _every_tile(nq, *_ranges(key > 0)),
-            _all_tiles_of(np.nonzero(row > 0)[0], nk)]
+    visits = seg_qt[s], (lo + pre) // block_n, (hi + pre - 1) // block_n + 1
+    s, lo, hi = _merge_per_group(*all_iv.arrays())  # every query attends the non-grid keys: joined at 0, N
+    lo = np.where(lo > 0, _cdiv(lo + pre, block_n), 0)
+    hi = np.where(hi < geom.grid_tokens, (hi + pre) // block_n, nk)  # keys past L count as attended
+    covers = seg_qt[s[hi > lo]], lo[hi > lo], hi[hi > lo]
+    q, lo, hi = (np.concatenate([visits[i], covers[i], codes[i]]) for i in range(3))
+    kind = np.concatenate([np.zeros(visits[0].size, np.int64), np.ones(covers[0].size, np.int64), codes[3]])
+    weights = np.array([1, _CHANNEL, (segments.max() + 1) * _CHANNEL])  # visits, covers once, covers all
+    q, start, end, n_visits, n_covers = _sweep(q, lo, hi, kind, weights, nk)
+    code = (n_visits > 0) * (1 + (n_covers >= segments[q]))  # 0 not visited, 1 partial, 2 full
+    keep = code > 0
+    return _runs(q[keep], start[keep], end[keep], code[keep], nq)
 
 
 def _cube_map(geom: VideoGeometry) -> np.ndarray:
@@ -296,21 +321,33 @@ def _cube_map(geom: VideoGeometry) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def _tile_boxes(geom: VideoGeometry, block: int):
-    """Cube order, tiles of `block` positions: (first grid-bearing tile, lo [3, n], hi [3, n]) with
-    the per-axis (frame, row, column) min / max over each grid-bearing tile's grid tokens (int16)."""
-    N, pre, P, W = geom.grid_tokens, geom.prefix, geom.tokens_per_frame, geom.width
+def _cube_classes(geom: VideoGeometry, block: int):
+    """Cube order, tiles of `block` positions: (first grid-bearing tile, frame lo, frame hi of each
+    grid-bearing tile, class of every tile, ((row class of each class, row boxes [row classes, 2]), the
+    same for columns)). A tile's box is the per-axis min / max over its grid tokens; tiles of equal
+    row and column boxes share a class; tiles without grid tokens get class `classes` (one past the last)."""
+    N, pre, P, H, W = geom.grid_tokens, geom.prefix, geom.tokens_per_frame, geom.height, geom.width
     first, last = pre // block, (pre + N - 1) // block
     starts = np.maximum(np.arange(first, last + 1) * block - pre, 0)
     ends = np.append(starts[1:], N)
-    frame = _cube_map(geom)[:P]  # every frame is laid out as the first
-    lo, hi = np.empty((3, starts.size), np.int16), np.empty((3, starts.size), np.int16)
-    lo[0], hi[0] = starts // P, (ends - 1) // P
-    for axis, coord in ((1, frame // W), (2, frame % W)):
-        coord = np.tile(coord.astype(np.int16), geom.frames)
-        lo[axis], hi[axis] = np.minimum.reduceat(coord, starts), np.maximum.reduceat(coord, starts)
-    lo.flags.writeable = hi.flags.writeable = False  # cached: shared by every caller
-    return first, lo, hi
+    frame = R.cube_order_map(1, H, W).numpy()  # every frame is laid out as the first
+    coord = np.tile(np.stack([frame // W, frame % W], 1), (_cdiv(block, P) + 1, 1))  # (row, column)
+    local = starts % P  # each tile's positions, from its first frame on
+    bounds = np.stack([local, local + ends - starts], 1).ravel()
+    lo, hi = np.minimum.reduceat(coord, bounds)[::2], np.maximum.reduceat(coord, bounds)[::2]
+    axis_boxes, axis_class = [], []
+    for axis, size in enumerate((H, W)):
+        packed, tile_axis_class = np.unique(lo[:, axis] * size + hi[:, axis], return_inverse=True)
+        axis_boxes.append(np.stack([packed // size, packed % size], 1))
+        axis_class.append(tile_axis_class)
+    pairs, grid_class = np.unique(axis_class[0] * len(axis_boxes[1]) + axis_class[1], return_inverse=True)
+    tile_class = np.full(_cdiv(geom.seq_len, block), pairs.size)
+    tile_class[first: last + 1] = grid_class
+    axes = ((pairs // len(axis_boxes[1]), axis_boxes[0]), (pairs % len(axis_boxes[1]), axis_boxes[1]))
+    out = (first, starts // P, (ends - 1) // P, tile_class, axes)
+    for a in out[1:4] + tuple(a for axis in axes for a in axis):
+        a.flags.writeable = False  # cached: shared by every caller
+    return out
 
 
 def _code_pieces(code: np.ndarray):
@@ -321,89 +358,165 @@ def _code_pieces(code: np.ndarray):
     return edge[piece], edge[piece + 1], kind[piece]
 
 
-def _cube_window_pieces(rule, geom: VideoGeometry, block_m: int, block_n: int, key, row):
-    """Cube order, over the band of k-tiles each grid-bearing q-tile's frames +- the frame radius
-    reach: pieces (q, lo, hi, code) of one code, a pair's code being the largest of the window's (from
-    the tiles' boxes, see the module docstring), its k-tile's `key` and its q-tile's `row` code; and
-    each q-tile's band [band_lo, band_hi) (empty without grid rows)."""
-    if max(geom.frames, geom.height, geom.width) >= 1 << 14:
-        raise ValueError(f"cube order needs frames, height and width below {1 << 14}, got {geom}")
-    radius = (min(rule[R.WIN_F], geom.frames - 1), rule[R.WIN_Y], rule[R.WIN_X])
-    q0, qlo, qhi = _tile_boxes(geom, block_m)
-    k0, klo, khi = _tile_boxes(geom, block_n)
-    # frames ascend in cube order: the k-tiles whose frames some pair of the q-tile's reaches
-    # (visited) and every pair does (full) are ranges, offsets from `start`
-    rf = radius[0]
-    start = np.searchsorted(khi[0], qlo[0] - rf, "left")
-    visited_end = np.searchsorted(klo[0], qhi[0] + rf, "right") - start
-    width = max(int(visited_end.max()), 1)
-    col = np.arange(width, dtype=np.int16 if width < 1 << 15 else np.int32)
-    bounds = [np.clip(b, 0, width).astype(col.dtype)[:, None] for b in (
-        visited_end, np.searchsorted(klo[0], qhi[0] - rf, "left") - start,
-        np.searchsorted(khi[0], qlo[0] + rf, "right") - start)]
-    pad = np.zeros((2, width), dtype=np.int16)  # k-tiles past the last grid-bearing one: out of every range
-    k_lo_win = np.lib.stride_tricks.sliding_window_view(np.concatenate([klo[1:], pad], 1), width, axis=1)
-    k_hi_win = np.lib.stride_tricks.sliding_window_view(np.concatenate([khi[1:], pad], 1), width, axis=1)
-    key_win = np.lib.stride_tricks.sliding_window_view(np.concatenate([key[k0:], np.zeros(width, np.int8)]), width)
-    nk = key.size
-    pieces = []
-    step = max(1, _PAIR_CHUNK // width)
-    for r0 in range(0, start.size, step):
-        rows = slice(r0, min(r0 + step, start.size))
-        v_end, f_start, f_end = (b[rows] for b in bounds)
-        code = np.zeros(v_end.size * (width + 1) + 1, dtype=np.int8)  # led by a 0, rows end with one
-        pairs = code[1:].reshape(-1, width + 1)[:, :width]
-        visited = col < v_end
-        full = (col >= f_start) & (col < f_end)
-        for axis in (1, 2):  # box distance <= r: some pair; largest distance <= r: every pair (so some)
-            r, k_lo, k_hi = radius[axis], k_lo_win[axis - 1, start[rows]], k_hi_win[axis - 1, start[rows]]
-            q_lo, q_hi = qlo[axis, rows, None], qhi[axis, rows, None]
-            visited &= (k_lo <= q_hi + r) & (k_hi >= q_lo - r)
-            full &= (k_hi <= q_lo + r) & (k_lo >= q_hi - r)
-        np.add(visited, full, out=pairs, dtype=np.int8)
-        np.maximum(pairs, key_win[start[rows]], out=pairs)
-        np.maximum(pairs, row[q0 + rows.start: q0 + rows.stop, None], out=pairs)
-        first, end, kind = _code_pieces(code)
-        r, lo = np.divmod(first - 1, width + 1)
-        hi = lo + end - first
-        base = k0 + start[r0 + r]
-        pieces.append((q0 + r0 + r, base + lo, np.minimum(base + hi, nk), kind))
-    q, lo, hi, kind = (np.concatenate([p[i] for p in pieces]) for i in range(4))
-    keep = lo < hi  # past the last k-tile
-    band_lo, band_hi = np.zeros(row.size, np.int64), np.zeros(row.size, np.int64)
-    band_lo[q0: q0 + start.size] = k0 + start
-    band_hi[q0: q0 + start.size] = np.minimum(k0 + start + width, nk)
-    return (q[keep], lo[keep], hi[keep], kind[keep]), band_lo, band_hi
+def _axis_code(radius: int, q_box: np.ndarray, k_box: np.ndarray) -> np.ndarray:
+    """[q class, k class] int8 along one axis of class boxes [classes, (lo, hi)]: 2 when every pair
+    of coordinates is within `radius`, 1 when some pair is, else 0."""
+    (q_lo, q_hi), (k_lo, k_hi) = q_box.T[:, :, None], k_box.T[:, None, :]
+    some = (k_lo <= q_hi + radius) & (k_hi >= q_lo - radius)
+    every = (k_hi <= q_lo + radius) & (k_lo >= q_hi - radius)
+    return some.astype(np.int8) + every
 
 
 def _cube_tile_runs(rule, geom: VideoGeometry, block_m: int, block_n: int):
-    """tile_runs for cube order: each pair's code is the largest of the window's, its k-tile's key
-    code and its q-tile's row code; outside a q-tile's window band only the last two count."""
+    """tile_runs for cube order (windows with stripes).
+
+    A pair's window code is the smaller of its frame code (from the tiles' frame spans: k-tiles
+    [vs, fs) and [fe, ve) of a q-tile are partial by frames, [fs, fe) full, the rest out of reach) and
+    its spatial code (from the classes' boxes, the smaller of the row and column codes). Each q-tile's
+    k-tiles are cut at vs, fs, fe, ve into five ranges; each range is read from one code row over all
+    k-tiles: max(key, row) (out of reach), max(key, row, min(spatial, 1)) (partial frames) or
+    max(key, row, spatial) (full frames), `row` being the q-tile's row code and `spatial` the codes of
+    its classes; the rows are built once per distinct (row code, row-axis codes, column-axis codes)
+    and range-encoded together. A range's runs are clipped to it; its first run joins the q-tile's
+    previous run when they touch with the same code.
+    """
     if rule[R.WIN_F] < 0 or rule[R.DIAG] >= 0 or rule[R.MD_S] >= 0:
         raise ValueError("cube order supports window rules (with stripes) only, "
                          f"not a diagonal, a spatial band or no window (rule {rule})")
     key, row = _key_code(rule, R.CUBE, geom, block_n), _row_code(geom, block_m)
-    band, band_lo, band_hi = _cube_window_pieces(rule, geom, block_m, block_n, key, row)
-    pieces = [band]
-    for c in range(3):  # q-tiles of row code c: the runs of max(key, c) left and right of their band
-        q = np.nonzero(row == c)[0][:, None]
-        start, end, kind = _code_pieces(np.concatenate([[0], np.maximum(key, c), [0]]).astype(np.int8))
-        for lo, hi in ((start - 1, np.minimum(end - 1, band_lo[q])), (np.maximum(start - 1, band_hi[q]), end - 1)):
-            keep = lo < hi
-            pieces.append(tuple(np.broadcast_to(a, keep.shape)[keep] for a in (q, lo, hi, kind)))
-    q, lo, hi, kind = (np.concatenate([p[i] for p in pieces]) for i in range(4))
-    order = np.argsort(q * (key.size + 1) + lo, kind="stable")
-    return _runs(q[order], lo[order], hi[order], kind[order], row.size)
+    nq, nk = row.size, key.size
+    q0, qf_lo, qf_hi, q_class, q_axes = _cube_classes(geom, block_m)
+    k0, kf_lo, kf_hi, k_class, k_axes = _cube_classes(geom, block_n)
+    rf = min(rule[R.WIN_F], geom.frames - 1)
+    grid = slice(q0, q0 + qf_lo.size)
+    # each grid-bearing q-tile's (row code, row-axis codes, column-axis codes), packed in one int
+    combo, axis_codes = row[grid].astype(np.int64), []
+    for (q_axis, q_boxes), (k_axis, k_boxes), radius in zip(q_axes, k_axes, (rule[R.WIN_Y], rule[R.WIN_X])):
+        table = _axis_code(radius, q_boxes, k_boxes)
+        seen: dict[bytes, int] = {}  # classes of equal codes share them
+        distinct = np.array([seen.setdefault(r.tobytes(), len(seen)) for r in table])
+        combo = combo * len(seen) + distinct[q_axis[q_class[grid]]]
+        axis_codes.append((table[np.unique(distinct, return_index=True)[1]][:, k_axis], len(seen)))
+    (y_codes, ny), (x_codes, nx) = axis_codes  # [distinct codes, k class]
+    combos = np.flatnonzero(np.bincount(combo))
+    n, row_codes = combos.size, combos // (ny * nx)
+    spatial = np.zeros((n, len(k_axes[0][0]) + 1), np.int8)  # k-tiles without grid keys: 0
+    np.minimum(y_codes[combos // nx % ny], x_codes[combos % nx], out=spatial[:, :-1])
+    background = np.maximum(key, np.arange(3, dtype=np.int8)[:, None])  # code rows 0, 1, 2: row code c
+    width = nk + 1  # a code row and the 0 that ends it
+    code = np.zeros((3 + 2 * n) * width + 1, np.int8)  # led by a 0
+    rows = code[1:].reshape(-1, width)[:, :nk]
+    rows[:3] = background
+    full_frames, partial_frames = rows[3: 3 + n], rows[3 + n:]
+    np.maximum(spatial[:, k_class], background[row_codes], out=full_frames)
+    np.minimum(full_frames, np.maximum(background, 1)[row_codes], out=partial_frames)  # spatial code capped at 1
+    start, end, kind = _code_pieces(code)  # runs of the code rows, at flat positions
+    cuts = np.zeros((nq, 6), np.int64)
+    cuts[:, 5] = nk
+    cuts[grid, 1] = vs = k0 + np.searchsorted(kf_hi, qf_lo - rf, "left")
+    cuts[grid, 4] = ve = k0 + np.searchsorted(kf_lo, qf_hi + rf, "right")
+    cuts[grid, 2] = fs = np.clip(k0 + np.searchsorted(kf_lo, qf_hi - rf, "left"), vs, ve)
+    cuts[grid, 3] = np.clip(k0 + np.searchsorted(kf_hi, qf_lo + rf, "right"), fs, ve)
+    code_row = np.repeat(row.astype(np.int64)[:, None], 5, axis=1)
+    code_row[grid, 1:4] = 3 + np.searchsorted(combos, combo).reshape(-1, 1) + np.array([n, 0, n])
+    base = (code_row * width + 1).ravel()  # flat position of each range's k-tile 0
+    lo, hi = base + cuts[:, :5].ravel(), base + cuts[:, 1:].ravel()
+    first = np.searchsorted(end, lo, "right")  # the first run ending past a range's start
+    count = np.where(hi > lo, np.searchsorted(start, hi, "left") - first, 0)
+    ranges = np.flatnonzero(count)  # nonempty ranges, 5 per q-tile, in table order
+    first, count, base, lo, hi = first[ranges], count[ranges], base[ranges], lo[ranges], hi[ranges]
+    head = np.maximum(start[first], lo) - base
+    head_end = np.minimum(end[first], hi) - base
+    tail = np.minimum(end[first + count - 1], hi) - base
+    joins = np.zeros(ranges.size, bool)
+    joins[1:] = ((ranges[1:] // 5 == ranges[:-1] // 5) & (head[1:] == tail[:-1])
+                 & (kind[first[1:]] == kind[first[:-1] + count[:-1] - 1]))
+    kept = count - joins
+    at = np.cumsum(kept) - kept  # where each range's first kept run lands
+    local = (start - 1) % width
+    table = np.empty((local.size, 3), np.int32)
+    table[:, 0], table[:, 1], table[:, 2] = local, local + end - start, kind - 1
+    index = np.repeat((first + joins - at).astype(np.int32), kept) + np.arange(int(kept.sum()), dtype=np.int32)
+    runs = np.take(table, index, axis=0)
+    some = kept > 0
+    runs[at[some & ~joins], 0] = head[some & ~joins]
+    runs[at[some] + kept[some] - 1, 1] = tail[some]
+    # a joined run extends the run before it, unless the next range joins the same one
+    extend = joins.copy()
+    extend[:-1] &= ~((kept[:-1] == 0) & joins[1:])
+    runs[at[extend] - 1, 1] = head_end[extend]
+    per_range = np.zeros(5 * nq, np.int64)
+    per_range[ranges] = kept
+    row_ptr = np.zeros(nq + 1, np.int64)
+    np.cumsum(per_range.reshape(-1, 5).sum(axis=1), out=row_ptr[1:])
+    return row_ptr, runs
 
 
-def _encode(visited, full, nq: int, nk: int):
-    """Runs of visited k-tiles per q-tile, split where full starts or stops: (row_ptr, runs)."""
-    parts = [(a, b, c, np.full(a.size, is_full)) for is_full, group in ((False, visited), (True, full))
-             for a, b, c in group]
-    q, start, end, n_any, n_full = _sweep(*(np.concatenate([p[i] for p in parts]) for i in range(4)), nk)
-    code = (n_any > 0) * (1 + (n_full > 0))  # 0 not visited, 1 partial, 2 full
-    keep = code > 0
-    return _runs(q[keep], start[keep], end[keep], code[keep], nq)
+def _box_size(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Positions in boxes [lo, hi] (inclusive; axes along the first dimension)."""
+    return np.prod(np.maximum(hi - lo + 1, 0), axis=0)
+
+
+@functools.lru_cache(maxsize=32)
+def _frame_major_queries(geom: VideoGeometry, block_m: int):
+    """Frame-major order, the q-tiles with grid rows: (their indices, first frame, (frame, row, column)
+    lo and hi [3, q-tiles] over their grid queries, and the (row, column) lo and hi [2, 3, q-tiles] of
+    three boxes of their first frame's queries: the first row, the full rows after it and the last
+    row; empty boxes have hi -1)."""
+    F, H, W, P, N, pre = geom.frames, geom.height, geom.width, geom.tokens_per_frame, geom.grid_tokens, geom.prefix
+    grid = np.flatnonzero(_row_code(geom, block_m) < 2)
+    g0 = np.clip(grid * block_m - pre, 0, N)
+    g1 = np.clip(grid * block_m + block_m - pre, 0, N) - 1  # the last grid query
+    f0, f1 = g0 // P, g1 // P
+    one_frame, one_row = f0 == f1, g0 // W == g1 // W
+    lo = np.stack([f0, np.where(one_frame, g0 % P // W, 0), np.where(one_row, g0 % W, 0)])
+    hi = np.stack([f1, np.where(one_frame, g1 % P // W, H - 1), np.where(one_row, g1 % W, W - 1)])
+    s0, s1 = g0 % P, np.where(one_frame, g1 % P, P - 1)
+    y0, y1 = s0 // W, s1 // W
+    y_lo, y_hi = np.stack([y0, y0 + 1, np.where(y1 > y0, y1, H)]), np.stack([y0, y1 - 1, y1])
+    x_lo = np.stack(np.broadcast_arrays(s0 % W, 0, 0))
+    x_hi = np.stack(np.broadcast_arrays(np.where(y1 > y0, W - 1, s1 % W), W - 1, s1 % W))
+    out = (grid, f0, lo, hi, np.stack([y_lo, x_lo]), np.where(y_hi >= y_lo, np.stack([y_hi, x_hi]), -1))
+    for a in out:
+        a.flags.writeable = False  # cached: shared by every caller
+    return out
+
+
+def _frame_major_window_bound(rule, geom: VideoGeometry, block_m: int, block_n: int) -> float:
+    """A lower bound of tile_cost of a window rule's frame-major tables (less one tile for rounding),
+    from token counts per q-tile; a q-tile with grid rows costs at least
+    visited + (PARTIAL_TILE_COST - 1) * (visited - full) for any visited >= V and full <= min(visited, U):
+
+    V: every attended key lies in a visited k-tile, so visited >= ceil(keys / block_n); the keys
+    counted are the non-grid ones and the windows of the q-tile's first-frame queries, whose first
+    row, full rows and last row are boxes of queries whose windows are boxes (inclusion-exclusion).
+    U: a full k-tile holds a position off the grid or a key of key code > 0 (`odd_tiles`), or only
+    grid keys every grid query attends: those lie in the intersection of the windows, a box, whose
+    row pieces (one interval per frame when the rows are whole, one in all when the frames are too)
+    hold at most floor(length / block_n) k-tiles each.
+    """
+    F, H, W, P, N, L, pre = (geom.frames, geom.height, geom.width, geom.tokens_per_frame, geom.grid_tokens,
+                             geom.seq_len, geom.prefix)
+    radius = np.array([[min(rule[R.WIN_F], F - 1)], [rule[R.WIN_Y]], [rule[R.WIN_X]]])
+    top = np.array([[F - 1], [H - 1], [W - 1]])
+    grid, f0, lo, hi, piece_lo, piece_hi = _frame_major_queries(geom, block_m)
+    key = _key_code(rule, R.FRAME_MAJOR, geom, block_n)
+    nk, nq = key.size, _cdiv(L, block_m)
+    starts = np.arange(nk) * block_n
+    odd_tiles = np.count_nonzero(key | (starts < pre) | (starts + block_n > pre + N))
+    nf, ny, nx = np.maximum(np.minimum(lo + radius, top) - np.maximum(hi - radius, 0) + 1, 0)  # every query's
+    inside = np.where(nx < W, nf * ny * (nx // block_n), np.where(ny < H, nf * (ny * W // block_n), nf * P // block_n))
+    lo = np.maximum(piece_lo - radius[1:, :, None], 0)  # the windows of the three boxes
+    hi = np.where(piece_hi >= 0, np.minimum(piece_hi + radius[1:, :, None], top[1:, :, None]), -1)
+    a, b = [0, 0, 1], [1, 2, 2]  # inclusion-exclusion
+    union = (_box_size(lo, hi).sum(axis=0) - _box_size(np.maximum(lo[:, a], lo[:, b]),
+                                                        np.minimum(hi[:, a], hi[:, b])).sum(axis=0)
+             + _box_size(lo.max(axis=1), hi.min(axis=1)))
+    frames = np.minimum(f0 + radius[0], F - 1) - np.maximum(f0 - radius[0], 0) + 1
+    visited = np.where(_row_code(geom, block_m)[grid] == 0, np.minimum(_cdiv(frames * union + L - N, block_n), nk), nk)
+    full = np.minimum(visited, inside + odd_tiles)
+    every = nk * (nq - grid.size)  # q-tiles without grid rows: every k-tile full
+    return _cost(int(visited.sum()) + every, int(full.sum()) + every) - 1
 
 
 def _runs(q, start, end, code, nq: int):
@@ -422,46 +535,67 @@ def _runs(q, start, end, code, nq: int):
 
 def _choose_order(rule, geom: VideoGeometry, block_m: int, block_n: int):
     """Order and runs of a rule: the cheaper (`tile_cost`) of frame-major and cube order for a window
-    without diagonal or spatial band; for a spatial band without diagonal, window or stripe keys
-    (those scatter in space-major order) the cheaper of frame-major and space-major, whose costs are
-    first estimated per q-tile (both orders are compiled only when the estimates are close);
-    frame-major otherwise. Returns (order, row_ptr, runs)."""
+    without diagonal or spatial band (frame-major is compiled only when its lower bound does not
+    exceed the cube-order cost); for a spatial band without diagonal, window or stripe keys (those
+    scatter in space-major order) the cheaper of frame-major and space-major, whose costs are first
+    estimated per q-tile (both orders are compiled only when the estimates are close); frame-major
+    otherwise. Returns (order, row_ptr, runs, visited tiles, tile_cost)."""
     if rule[R.WIN_F] >= 0 and rule[R.DIAG] < 0 and rule[R.MD_S] < 0:
-        fm = tile_runs(rule, R.FRAME_MAJOR, geom, block_m, block_n)
-        cube = tile_runs(rule, R.CUBE, geom, block_m, block_n)
-        return (R.CUBE,) + cube if tile_cost(cube[1]) < tile_cost(fm[1]) else (R.FRAME_MAJOR,) + fm
+        cube = _ordered(R.CUBE, rule, geom, block_m, block_n)
+        if cube[4] >= _frame_major_window_bound(rule, geom, block_m, block_n):
+            fm = _ordered(R.FRAME_MAJOR, rule, geom, block_m, block_n)
+            if fm[4] <= cube[4]:
+                return fm
+        return cube
     if rule[R.MD_S] < 0 or rule[R.DIAG] >= 0 or rule[R.WIN_F] >= 0 or rule[R.STRIPE_FIRST] > 0 \
             or rule[R.N_COLS] > 0:
-        return (R.FRAME_MAJOR,) + tile_runs(rule, R.FRAME_MAJOR, geom, block_m, block_n)
+        return _ordered(R.FRAME_MAJOR, rule, geom, block_m, block_n)
     F, P, S, T = geom.frames, geom.tokens_per_frame, rule[R.MD_S], rule[R.MD_T]
     if T >= F - 1:  # every frame: each query's keys are one contiguous block in space-major order
-        return (R.SPACE_MAJOR,) + tile_runs(rule, R.SPACE_MAJOR, geom, block_m, block_n)
+        return _ordered(R.SPACE_MAJOR, rule, geom, block_m, block_n)
     frame_major = min(2 * T + 1, F) * (min(2 * S + block_m, P) / block_n + 1)
     space_major = min((2 * S + 1) * F + block_m, geom.grid_tokens) / block_n + 1
     if space_major * 1.5 < frame_major:
-        return (R.SPACE_MAJOR,) + tile_runs(rule, R.SPACE_MAJOR, geom, block_m, block_n)
-    fm = tile_runs(rule, R.FRAME_MAJOR, geom, block_m, block_n)
+        return _ordered(R.SPACE_MAJOR, rule, geom, block_m, block_n)
+    fm = _ordered(R.FRAME_MAJOR, rule, geom, block_m, block_n)
     if frame_major * 1.5 < space_major:
-        return (R.FRAME_MAJOR,) + fm
-    sm = tile_runs(rule, R.SPACE_MAJOR, geom, block_m, block_n)
-    return (R.SPACE_MAJOR,) + sm if tile_cost(sm[1]) < tile_cost(fm[1]) else (R.FRAME_MAJOR,) + fm
+        return fm
+    sm = _ordered(R.SPACE_MAJOR, rule, geom, block_m, block_n)
+    return sm if sm[4] < fm[4] else fm
+
+
+def _ordered(order: int, rule, geom: VideoGeometry, block_m: int, block_n: int):
+    """(order, row_ptr, runs, visited tiles, tile_cost) of a rule in `order`."""
+    row_ptr, runs = tile_runs(rule, order, geom, block_m, block_n)
+    visited, full = _tile_counts(runs)
+    return order, row_ptr, runs, visited, _cost(visited, full)
+
+
+def _tile_counts(runs: np.ndarray) -> tuple[int, int]:
+    """(visited, full) (q-tile, k-tile) pairs of the runs."""
+    lengths = runs[:, 1] - runs[:, 0]
+    return int(lengths.sum(dtype=np.int64)), int((lengths * runs[:, 2]).sum(dtype=np.int64))
 
 
 def visited_tiles(runs: np.ndarray) -> int:
     """Number of (q-tile, k-tile) pairs the runs visit."""
-    return int((runs[:, 1].astype(np.int64) - runs[:, 0]).sum())
+    return _tile_counts(runs)[0]
 
 
 def full_tiles(runs: np.ndarray) -> int:
     """Number of visited (q-tile, k-tile) pairs marked full (no mask computed)."""
-    return int(((runs[:, 1].astype(np.int64) - runs[:, 0]) * (runs[:, 2] != 0)).sum())
+    return _tile_counts(runs)[1]
+
+
+def _cost(visited: int, full: int) -> float:
+    """tile_cost of `visited` tiles of which `full` are full."""
+    return full + PARTIAL_TILE_COST * (visited - full)
 
 
 def tile_cost(runs: np.ndarray) -> float:
     """Predicted kernel work of the runs in full-tile units: full tiles count 1, partial tiles
     PARTIAL_TILE_COST."""
-    full = full_tiles(runs)
-    return full + PARTIAL_TILE_COST * (visited_tiles(runs) - full)
+    return _cost(*_tile_counts(runs))
 
 
 class TablePool:
@@ -494,16 +628,17 @@ class TablePool:
                 classified = list(threads.map(classify, new))
         else:
             classified = [classify(r) for r in new]
-        for rule, (order, row_ptr, runs) in zip(new, classified):
+        for rule, (order, row_ptr, runs, visited, cost) in zip(new, classified):
             base = self._count_ptr - 1
             self._row_ptr.append(row_ptr[1:] + self._count_runs)
             self._runs.append(runs)
             self._count_ptr += row_ptr.size - 1
             self._count_runs += runs.shape[0]
             self._tensors = None
-            self.entries[tuple(rule[R.DIAG:])] = (order, base, visited_tiles(runs), tile_cost(runs))
+            self.entries[tuple(rule[R.DIAG:])] = (order, base, visited, cost)
             if order == R.CUBE and self.cube_map is None:
-                self.cube_map = torch.from_numpy(_cube_map(self.geom).astype(np.int32)).to(self.device)
+                g = self.geom
+                self.cube_map = R.cube_order_map(g.frames, g.height, g.width).to(self.device, torch.int32)
         return [self.entries[tuple(r[R.DIAG:])] for r in rules]
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,7 +679,11 @@ def pool_bytes(device=None) -> int:
 def clear_plans() -> None:
     """Forget every compiled plan and table pool (memory is freed once no plan is referenced)."""
     _compile.cache_clear()
-    _tile_boxes.cache_clear()
+    _cube_classes.cache_clear()
+    _code_ranges.cache_clear()
+    _stripe_key_code.cache_clear()
+    _frame_major_queries.cache_clear()
+    _row_code.cache_clear()
     _segments.cache_clear()
     _POOLS.clear()
 

@@ -7,15 +7,16 @@ import pytest
 import torch
 
 from sparse_vdit.kernels.rule import (CUBE, FRAME_MAJOR, ORDER, ROW_BASE, SKIP_HEAD, SPACE_MAJOR, cube_order_map,
-                                     physical_to_logical)
+                                     make_rule, physical_to_logical)
 from sparse_vdit.strategies.geometry import VideoGeometry
 from sparse_vdit.strategies.patterns import (Dense, Diagonal, LocalWindow, MultiDiagonal, Skip, Union,
                                              VerticalStripe, pattern_for_density)
-from sparse_vdit.strategies.plan import (clear_plans, compile_layer, full_tiles, pool_bytes, tile_cost, tile_runs,
-                                         visited_tiles)
+from sparse_vdit.strategies.plan import (_choose_order, _frame_major_window_bound, clear_plans, compile_layer,
+                                         full_tiles, pool_bytes, tile_cost, tile_runs, visited_tiles)
 
 GEOMS = [VideoGeometry(3, 5, 7, prefix=2, suffix=3), VideoGeometry(4, 3, 5), VideoGeometry(2, 7, 3, prefix=5),
-         VideoGeometry(5, 1, 1, prefix=1), VideoGeometry(3, 4, 9, suffix=20), VideoGeometry(7, 4, 4, prefix=3)]
+         VideoGeometry(5, 1, 1, prefix=1), VideoGeometry(3, 4, 9, suffix=20), VideoGeometry(7, 4, 4, prefix=3),
+         VideoGeometry(2, 3, 4, prefix=100, suffix=30)]  # a prefix longer than the grid
 
 PATTERNS = [Dense(), Diagonal(0.0), Diagonal(0.6), Diagonal(1.7), MultiDiagonal(0.15), MultiDiagonal(0.3, 1),
             MultiDiagonal(0.0, 0), MultiDiagonal(1.0, 2), LocalWindow(1, 0.3, 0.2), LocalWindow(0, 0.0, 0.5),
@@ -121,6 +122,27 @@ def test_orders_reject_parts_they_cannot_classify():
     for p in (Diagonal(0.5), Union(MultiDiagonal(0.1), LocalWindow(0, 0.2, 0.2)), VerticalStripe()):
         with pytest.raises(ValueError, match="cube order"):
             tile_runs(p.head_rule(g), CUBE, g, 16, 16)
+
+
+def test_window_order_is_the_cheaper_though_frame_major_is_compiled_only_when_its_bound_allows():
+    # a window is compiled frame-major only when a lower bound of that cost reaches the cube-order
+    # cost; the bound never exceeds the real cost, so the choice is the one comparing both orders
+    rng = random.Random(3)
+    geoms = GEOMS + [VideoGeometry(5, 30, 40), VideoGeometry(3, 24, 33, prefix=40, suffix=70)]
+    skipped = compiled = 0
+    for _ in range(150):
+        g = rng.choice(geoms)
+        bm, bn = rng.choice(TILES + [(64, 64), (128, 64)])
+        rule = make_rule(win=(rng.randint(0, g.frames), rng.randint(0, g.height), rng.randint(0, g.width)),
+                         stripe=rng.choice([0, 0, 0, rng.randint(1, g.grid_tokens)]))
+        fm, cube = (tile_cost(tile_runs(rule, order, g, bm, bn)[1]) for order in (FRAME_MAJOR, CUBE))
+        bound = _frame_major_window_bound(rule, g, bm, bn)
+        assert bound <= fm, (g, bm, bn, rule)
+        order, row_ptr, runs, visited, cost = _choose_order(rule, g, bm, bn)
+        assert order == (CUBE if cube < fm else FRAME_MAJOR), (g, bm, bn, rule)
+        assert (visited, cost) == (visited_tiles(runs), tile_cost(runs))
+        skipped, compiled = skipped + (cube < bound), compiled + (cube >= bound)
+    assert skipped > 5 and compiled > 5  # both branches exercised
 
 
 def test_compiled_layer_tables_order_choice_and_dedup():
