@@ -196,19 +196,21 @@ def test_closed_pass_launches_reuse_a_tuned_config(monkeypatch):
     head = (64, 16, 16, "ieee")
     density = plan.tables.density_bucket
     cube = int(plan.tables.uses_cube_order())  # cube-order heads read copies: merged walks are tuned too
-    cache[head + (bucket + 3, density, 1, cube) + dtypes] = triton.Config({"USE_TMA": True, "MERGED_CUBE": bool(cube)},
-                                                                          num_warps=2, num_stages=1)
+    # key: work bucket, density bucket, descriptors, cube-order walk choice, paired-tile choice (1: tuned)
+    cache[head + (bucket + 3, density, 1, cube, 1) + dtypes] = triton.Config(
+        {"USE_TMA": True, "MERGED_CUBE": bool(cube), "PAIRED": False}, num_warps=2, num_stages=1)
     with TA.reuse_tuned_configs():
         out = plan.run(q, k, v, backend="triton")
     assert launched == [2]  # the tuned config, launched directly
     assert torch.allclose(out, ref, atol=1e-4)
-    key = head + (bucket, density, 1, cube) + dtypes
+    key = head + (bucket, density, 1, cube, 1) + dtypes
     assert TA._nearest_tuned(key)["num_warps"] == 2
-    assert TA._nearest_tuned(key[:8] + ("torch.float16",) * 4 + dtypes[4:]) is None  # other dtype: tune
+    assert TA._nearest_tuned(key[:9] + ("torch.float16",) * 4 + dtypes[4:]) is None  # other dtype: tune
     assert TA._nearest_tuned((128,) + key[1:]) is None  # other head_dim
-    assert TA._nearest_tuned(key[:6] + (0, cube) + dtypes) is None  # no descriptors: a TMA config can't run
-    assert TA._nearest_tuned(key[:7] + (1 - cube,) + dtypes) is None  # cube-order walks (not) in play
-    cache[key] = triton.Config({"USE_TMA": False, "MERGED_CUBE": False}, num_warps=4, num_stages=1)
+    assert TA._nearest_tuned(key[:6] + (0, cube, 1) + dtypes) is None  # no descriptors: a TMA config can't run
+    assert TA._nearest_tuned(key[:7] + (1 - cube, 1) + dtypes) is None  # cube-order walks (not) in play
+    assert TA._nearest_tuned(key[:8] + (2,) + dtypes) is None  # paired tiles forced: tuned apart
+    cache[key] = triton.Config({"USE_TMA": False, "MERGED_CUBE": False, "PAIRED": False}, num_warps=4, num_stages=1)
     assert TA._nearest_tuned(key) is None  # tuned: the autotuner's own
 
 
