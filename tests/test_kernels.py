@@ -477,14 +477,6 @@ def test_cube_order_walk_is_tuned_only_where_cube_heads_read_copies(monkeypatch)
     assert capped_only and all(c.maxnreg == 128 for c in capped_only)
     assert TA._prune_configs(capped_only, {"has_desc": 1, "has_cube_copies": 0, "paired_tiles": 1}, HEAD_DIM=128)
     monkeypatch.delenv("SPARSE_VDIT_TRITON_CONFIGS")
-    # paired full tiles (TMA only): never, tuned against single tiles (at head_dim 128), or only them
-    for paired, head_dim, want in ((0, 128, {False}), (1, 128, {False, True}), (1, 64, {False}), (2, 64, {True})):
-        kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 0, "paired_tiles": paired,
-                                           "density_bucket": 0}, HEAD_DIM=head_dim)
-        assert {c.kwargs["PAIRED"] for c in kept if c.kwargs["USE_TMA"]} == want
-        assert any(not c.kwargs["USE_TMA"] for c in kept)
-        assert not any(c.kwargs["PAIRED"] and c.num_stages > 3 for c in kept)
-    assert not any(c.kwargs["PAIRED"] and not c.kwargs["USE_TMA"] for c in configs)
     launched = []
     original = TA._sparse_attention_fwd.fn
 
@@ -510,6 +502,21 @@ def test_cube_order_walk_is_tuned_only_where_cube_heads_read_copies(monkeypatch)
         with TA.reuse_tuned_configs():
             sparse_attention(q, k, v, tables)
         assert launched[-1] is want and keys[-1] == key
+
+
+def test_paired_tiles_are_tuned_at_head_dim_128_with_tma_only():
+    # full tiles two a step: never, tuned against single tiles (at head_dim 128; never faster at 64,
+    # attention run J), or only them; at most 3 stages (a fourth overflows shared memory at d = 128)
+    from sparse_vdit.kernels import triton_attention as TA
+
+    configs = TA._autotune_configs()
+    for paired, head_dim, want in ((0, 128, {False}), (1, 128, {False, True}), (1, 64, {False}), (2, 64, {True})):
+        kept = TA._prune_configs(configs, {"has_desc": 1, "has_cube_copies": 0, "paired_tiles": paired,
+                                           "density_bucket": 0}, HEAD_DIM=head_dim)
+        assert {c.kwargs["PAIRED"] for c in kept if c.kwargs["USE_TMA"]} == want
+        assert any(not c.kwargs["USE_TMA"] for c in kept)
+        assert not any(c.kwargs["PAIRED"] and c.num_stages > 3 for c in kept)
+    assert not any(c.kwargs["PAIRED"] and not c.kwargs["USE_TMA"] for c in configs)
 
 
 def test_custom_op_traces_without_graph_break():
