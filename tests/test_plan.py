@@ -306,6 +306,7 @@ def test_window_heads_get_cube_order_with_fewer_partial_tiles():
         assert plan.cost_density == pytest.approx(tile_cost(runs) / (nq * plan.tables.num_k_tiles))
         assert plan.tile_density == pytest.approx(visited_tiles(runs) / (nq * plan.tables.num_k_tiles))
         plan.tables.validate()
+        assert plan.tables.cube_map.dtype == torch.int32
         assert torch.equal(plan.tables.cube_map.long(), cube_order_map(g.frames, g.height, g.width))
 
 
