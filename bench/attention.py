@@ -279,6 +279,11 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
             add(name, ms, 1.0, 1.0)
         except Exception as e:  # a backend missing on this build is reported, not fatal
             add(name, None, 1.0, note=f"failed: {type(e).__name__}: {e}"[:200])
+
+    def dense_err(out):
+        """Relative error of a dense output against the first SDPA baseline's (None without one)."""
+        return rel_err(out, dense_ref) if dense_ref is not None else None
+
     try:
         if "sage" not in baselines:
             raise ImportError("not asked for")
@@ -286,7 +291,7 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
 
         out = sageattn(q, k, v, tensor_layout="HND", is_causal=False)
         add("SageAttention 1.0.6", time_ms(lambda: sageattn(q, k, v, tensor_layout="HND", is_causal=False)),
-            1.0, 1.0, err=rel_err(out, dense_ref) if dense_ref is not None else None)
+            1.0, 1.0, err=dense_err(out))
     except Exception as e:
         add("SageAttention 1.0.6", None, 1.0, note=f"skipped: {type(e).__name__}: {e}"[:200])
 
@@ -301,13 +306,13 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
         out = dense_plan.run(q, k, v)
         dense_ms = time_ms(lambda: dense_plan.run(q, k, v))
         add("ours dense" + tag, dense_ms, 1.0, dense_plan.tile_density,
-            err=rel_err(out, dense_ref) if dense_ref is not None else None, note=tuned_config_name())
+            err=dense_err(out), note=tuned_config_name())
         for var, mode, choice in forced_choices(dense_plan.tables, False, paired_tiles):
             with env_set(var, mode):
                 out = dense_plan.run(q, k, v)
                 ms = time_ms(lambda: dense_plan.run(q, k, v))
             add(f"ours dense{tag} [{choice}]", ms, 1.0, dense_plan.tile_density,
-                err=rel_err(out, dense_ref) if dense_ref is not None else None, note=tuned_config_name())
+                err=dense_err(out), note=tuned_config_name())
         configs = [(f"{fam} {d:g}", (pattern_for_density(fam, d, geom),) * H)
                    for fam in families for d in densities]
         if tuple(families) == tuple(FAMILIES):
