@@ -2,9 +2,11 @@
 
 A video shows one coloured shape doing what its prompt says ("large red square moving left"),
 over a textured background that the camera may pan across, sometimes with a grey bar that passes
-in front of or behind the shape (occlusion). Everything else (start position, speed, angle, pan,
-bar) is drawn at random from a seeded `torch.Generator`, so a (prompt, seed) pair always gives
-the same video. Videos are `[B, 3, FRAMES, SIZE, SIZE]` in [-1, 1]; with the model's (1, 2, 2)
+in front of or behind the shape (occlusion). Everything else (start position, speed, pan, bar, a
+small tilt) is drawn at random from a seeded `torch.Generator`, so a (prompt, seed) pair always
+gives the same video. Shapes stand upright within +-TILT radians, and spinning ones start so: a
+uniformly random orientation made "square", "triangle" and "cross" mixtures over rotation, which the
+small model averaged into round blobs. Videos are `[B, 3, FRAMES, SIZE, SIZE]` in [-1, 1]; with the model's (1, 2, 2)
 patches that is 9 latent frames of 16 x 16 = 256 tokens.
 
 Prompts become conditioning by a fixed rule: each word has its own random 4096-d vector (seeded
@@ -27,6 +29,7 @@ SIZE = 32
 TEXT_TOKENS = 8
 TEXT_DIM = 4096  # ComfyUI's Wan loader assumes a 4096-d text input
 
+TILT = 0.2  # radians: the start orientation's range either side of upright
 SIZES = {"small": (3.0, 4.5), "large": (6.0, 8.0)}  # shape radius range in pixels
 COLOURS = {
     "red": (1.0, 0.15, 0.1),
@@ -184,7 +187,7 @@ def render_videos(prompts: Sequence[Prompt | str], generator: torch.Generator, d
     centre = 15.5 + _uniform(g, 2 * n, -4.0, 4.0).view(n, 2)
     speed = _uniform(g, n, 1.8, 2.8)
     side_drift = _uniform(g, n, -0.3, 0.3)
-    angle0 = _uniform(g, n, 0.0, 2 * math.pi)
+    angle0 = _uniform(g, n, -TILT, TILT)
     spin = _uniform(g, n, 0.3, 0.5) * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
     spin_drift = _uniform(g, 2 * n, -0.5, 0.5).view(n, 2)
     bounce_height = _uniform(g, n, 8.0, 12.0)

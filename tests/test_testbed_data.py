@@ -81,6 +81,34 @@ def test_spinning_shapes_rotate_in_place():
         assert (red[0] != red[4]).sum() > 10  # the silhouette changes
 
 
+def _fitted_angle(mask: torch.Tensor, shape: str, period: float) -> float:
+    """The rotation in [-period/2, period/2) of `shape`'s silhouette, centred at a `[H, W]` mask's
+    centroid and sized from its area, that overlaps the mask best (steps of 0.02 rad)."""
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    area = float(mask.sum())
+    dx, dy = xs - float((mask * xs).sum()) / area, ys - float((mask * ys).sum()) / area
+    angles = torch.arange(-period / 2, period / 2, 0.02)
+    c, s = torch.cos(angles)[:, None, None], torch.sin(angles)[:, None, None]
+    u, v = (c * dx + s * dy)[:, None], (-s * dx + c * dy)[:, None]
+    index = torch.full((len(angles),), data.SHAPES.index(shape))
+    iou = []
+    for scale in torch.linspace(0.8, 1.6, 9):
+        inside = data.shape_sdf(index, u, v, (scale * math.sqrt(area / math.pi)).view(1, 1, 1, 1))[:, 0] < 0
+        iou.append((inside & mask).sum((1, 2)) / (inside | mask).sum((1, 2)))
+    return float(angles[int(torch.stack(iou).amax(0).argmax())])
+
+
+@pytest.mark.parametrize("shape, period", [("square", math.pi / 2), ("triangle", 2 * math.pi / 3), ("cross", math.pi / 2)])
+def test_shapes_stand_upright_unless_spinning(shape, period):
+    # a random orientation would make each shape a mixture over rotation (see data.TILT)
+    videos = data.render_videos([f"large red {shape} moving right"] * 8, torch.Generator().manual_seed(5))
+    upright = 0
+    for video in videos:
+        red = ((video[0] + 1) / 2 > 0.6) & ((video[1] + 1) / 2 < 0.4)  # [F, H, W]
+        upright += abs(_fitted_angle(red[data.FRAMES // 2], shape, period)) <= data.TILT + 0.05
+    assert upright >= 6  # a passing bar may hide part of a shape
+
+
 def test_training_batch_draws_training_prompts_only():
     videos, prompts = data.training_batch(16, torch.Generator().manual_seed(0))
     assert videos.shape[0] == 16 and all(p in data.TRAIN_PROMPTS for p in prompts)
