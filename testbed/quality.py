@@ -288,9 +288,15 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompts", type=int, default=len(EVAL_PROMPTS), help="first N held-out prompts")
     parser.add_argument("--steps", type=int, default=SAMPLE_STEPS)
+    parser.add_argument("--only", default=",".join(BASELINES), metavar="NAMES",
+                        help=f"comma-separated baselines to score (default all: {','.join(BASELINES)})")
     args = parser.parse_args(argv)
     if not 1 <= args.prompts <= len(HELD_OUT):
         parser.error(f"--prompts must be in 1..{len(HELD_OUT)}")
+    names = tuple(n.strip() for n in args.only.split(",") if n.strip())
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown or not names:
+        parser.error(f"--only: unknown baseline(s) {unknown or args.only!r}; known: {', '.join(BASELINES)}")
     started = time.perf_counter()
     model = load_testbed(args.weights, args.device)
     harness = Harness(model, [p.text for p in HELD_OUT[: args.prompts]], steps=args.steps)
@@ -299,11 +305,13 @@ def main(argv=None) -> None:
     warmups = tuple(w for w in WARMUP_STEPS if w < args.steps)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     command = "python -m sparse_vdit.testbed.quality --baselines" + "".join(
-        f" --{name} {value}" for name, value, default in (("prompts", args.prompts, len(EVAL_PROMPTS)), ("steps", args.steps, SAMPLE_STEPS))
+        f" --{name} {value}" for name, value, default in (
+            ("prompts", args.prompts, len(EVAL_PROMPTS)), ("steps", args.steps, SAMPLE_STEPS),
+            ("only", ",".join(names), ",".join(BASELINES)))
         if value != default)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[BaselineRow] = []
-    for name in BASELINES:  # the page is rewritten after each baseline, so a cut-off run keeps its rows
+    for name in names:  # the page is rewritten after each baseline, so a cut-off run keeps its rows
         rows += run_baselines(harness, names=(name,), warmups=warmups)
         text = baselines_markdown(harness, rows, floor, command=command, device=device, seconds=time.perf_counter() - started)
         args.out.write_text(text)

@@ -92,11 +92,16 @@ def test_baseline_patterns_reach_their_density(target):
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory):
+def tiny_weights(tmp_path_factory):
     out = tmp_path_factory.mktemp("q")
     config = dict(M.model_config(), num_attention_heads=2, attention_head_dim=16, ffn_dim=32, num_layers=2, freq_dim=32)
     T.train(out, steps=2, batch=1, device="cpu", config=config, warmup=1)
-    return Q.Harness(M.load_testbed(out / "weights"), ["small red circle moving left"], seeds=(0, 1), steps=1)
+    return out / "weights"
+
+
+@pytest.fixture(scope="module")
+def harness(tiny_weights):
+    return Q.Harness(M.load_testbed(tiny_weights), ["small red circle moving left"], seeds=(0, 1), steps=1)
 
 
 def test_short_harness_run(harness):
@@ -117,3 +122,16 @@ def test_harness_rejects_a_strategy_of_another_shape(harness):
         harness.score(Strategy.uniform(Dense(), 3, 2))
     with pytest.raises(ValueError, match="two seeds"):
         Q.Harness(harness.model, ["small red circle moving left"], seeds=(0,), steps=1)
+
+
+def test_command_scores_only_the_named_baselines(tiny_weights, tmp_path, capsys):
+    page = tmp_path / "testbed.md"
+    Q.main(["--baselines", "--weights", str(tiny_weights), "--prompts", "1", "--steps", "1", "--only", "random",
+            "--out", str(page)])
+    text = page.read_text()
+    assert text.count("| random |") == 2 * len(Q.TARGET_DENSITIES)  # best-warm-up table and every run
+    assert "no rows for diagonal, multi_diagonal, local_window, radial" in text
+    assert "--only random" in text  # the page names the command that wrote it
+    with pytest.raises(SystemExit):
+        Q.main(["--baselines", "--weights", str(tiny_weights), "--only", "random,stripes", "--out", str(page)])
+    assert "unknown baseline(s) ['stripes']" in capsys.readouterr().err
