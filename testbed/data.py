@@ -6,8 +6,8 @@ in front of or behind the shape (occlusion). Everything else (start position, sp
 small tilt) is drawn at random from a seeded `torch.Generator`, so a (prompt, seed) pair always
 gives the same video. Shapes stand upright within +-TILT radians, and spinning ones start so: a
 uniformly random orientation made "square", "triangle" and "cross" mixtures over rotation, which the
-small model averaged into round blobs. Videos are `[B, 3, FRAMES, SIZE, SIZE]` in [-1, 1]; with the model's (1, 2, 2)
-patches that is 9 latent frames of 16 x 16 = 256 tokens.
+small model averaged into round blobs. Videos are `[B, 3, FRAMES, SIZE, SIZE]` in [-1, 1]; with
+the model's (1, 2, 2) patches that is 9 latent frames of 16 x 16 = 256 tokens.
 
 Prompts become conditioning by a fixed rule: each word has its own random 4096-d vector (seeded
 by the word's CRC32), the prompt is the sequence of its word vectors, zero-padded to TEXT_TOKENS
