@@ -82,6 +82,20 @@ def loop_table(body: list[str]) -> dict:
     }
 
 
+def disassemble(kernel) -> tuple[str, int, int]:
+    """(SASS text, registers per thread, stack bytes) of a Triton or Gluon CompiledKernel's cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout
+    resources = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return sass, int(resources.group(1)), int(resources.group(2))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90)
@@ -102,19 +116,11 @@ def main(argv=None) -> None:
     kernel = compile_for_target(args.arch, args.head_dim, block_m, block_n, tma, args.warps, args.stages,
                                 merged_cube=args.merged_cube and tma, maxnreg=args.maxnreg,
                                 paired=args.paired and tma)
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "kernel.cubin")
-        with open(cubin, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", cubin], capture_output=True,
-                               text=True, check=True).stdout
-    resources = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    sass, registers, stack = disassemble(kernel)
     lines = [f"sm_{args.arch}, head_dim {args.head_dim}, tiles {args.tiles}, {args.warps} warps x "
              f"{args.stages} stages{f', maxnreg {args.maxnreg}' if args.maxnreg else ''}, "
-             f"TMA {'on' if tma else 'off'}: {resources.group(1)} registers, "
-             f"{resources.group(2)} B stack, {kernel.metadata.shared} B shared memory",
+             f"TMA {'on' if tma else 'off'}: {registers} registers, "
+             f"{stack} B stack, {kernel.metadata.shared} B shared memory",
              "",
              "| k-tile loop | instructions | MMA | TMA loads | other global loads | score selects | spills | top opcodes |",
              "|---|---|---|---|---|---|---|---|"]
