@@ -9,8 +9,9 @@ wait per tile; K/V tiles arrive by TMA into a ring of STAGES shared buffers, one
 dense attention ([B, H, L, D] bf16, full tiles unmasked, the last tile masked at L), i.e. the loop
 our sparse kernel runs on full tiles.
 
-On a GPU (sm_90) it checks itself against SDPA at an odd length and at Wan2.1-14B 720p's shape, and
-times both; on the CPU (no GPU) it compiles for sm_90 and prints the k-tile loop's instruction order.
+On a GPU (sm_90) it checks itself against SDPA at an odd length and at Wan2.1-14B 720p's and
+CogVideoX1.5 768p's shapes, and times both; on the CPU (no GPU) it compiles for sm_90 at --head-dim
+and prints the k-tile loop's instruction order.
 Gluon does not run under TRITON_INTERPRET.
 """
 
@@ -169,7 +170,7 @@ def loop_order(body: list[str]) -> list[tuple[str, int]]:
 def _gpu_rows() -> list[str]:
     rows = ["| B x H x L x D | max error / max | Gluon ms | SDPA ms | SDPA / Gluon |", "|---|---|---|---|---|"]
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    for shape in ((1, 2, 1000, 128), (1, 40, 75600, 128)):
+    for shape in ((1, 2, 1000, 128), (1, 40, 75600, 128), (1, 48, 45106, 64)):
         q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         ref = sdpa(q, k, v)
         err = ((attention(q, k, v).float() - ref.float()).abs().max() / ref.float().abs().max()).item()
@@ -180,15 +181,17 @@ def _gpu_rows() -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128), help="CPU compile only")
     parser.add_argument("--out", help="also write the result to this file")
     args = parser.parse_args(argv)
     if torch.cuda.is_available():
         emit("\n".join([f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", "",
                         *_gpu_rows()]), args.out)
         return
-    kernel = compile_sm90()
+    kernel = compile_sm90(d=args.head_dim)
     sass, registers, stack = disassemble(kernel)
-    lines = [f"sm_90 (compiled on the CPU): {registers} registers, {stack} B stack, {kernel.metadata.shared} B shared"]
+    lines = [f"sm_90, head_dim {args.head_dim} (compiled on the CPU): {registers} registers, {stack} B stack, "
+             f"{kernel.metadata.shared} B shared"]
     for n, body in enumerate(kernel_loops(sass), 1):
         order = " ".join(f"{op} x{count}" for op, count in loop_order(body))
         spills = collections.Counter(_opcode(i) for i in body)

@@ -26,9 +26,10 @@ def test_loop_order_runs_marks_in_issue_order():
     assert loop_order(["FMUL R1, R2, R3"]) == []
 
 
-def test_the_prototype_overlaps_the_next_qk_with_the_softmax():
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_the_prototype_overlaps_the_next_qk_with_the_softmax(head_dim):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "sparse_vdit.bench.gluon_dense"], env=env,
+    run = subprocess.run([sys.executable, "-m", "sparse_vdit.bench.gluon_dense", "--head-dim", str(head_dim)], env=env,
                          capture_output=True, text=True, timeout=600)
     if run.returncode and "not found" in run.stderr:
         pytest.skip("no ptxas / nvdisasm in this Triton install")
@@ -38,9 +39,9 @@ def test_the_prototype_overlaps_the_next_qk_with_the_softmax():
     tokens = loops[0].rsplit(": ", 1)[1].split()  # "HGMMA x3 EX2 x11 ..."
     runs = [(name, int(count[1:])) for name, count in zip(tokens[::2], tokens[1::2])]
     names = [name for name, _ in runs]
-    # d = 128, two warpgroups of 64 rows: 8 QK and 8 PV wgmmas of k = 16 a tile
+    # per warpgroup (64 rows) and 128-key tile: QK is head_dim / 16 wgmmas of k = 16, PV 128 / 16
     first_ex2, last_ex2 = names.index("EX2"), len(names) - 1 - names[::-1].index("EX2")
     qk_before_softmax_ends = sum(n for name, n in runs[:last_ex2] if name == "HGMMA")
-    assert names[0] == "HGMMA" and qk_before_softmax_ends == 8  # the next QK, issued among the exp2s
+    assert names[0] == "HGMMA" and qk_before_softmax_ends == head_dim // 16  # the next QK, among the exp2s
     assert any(name == "HGMMA" for name in names[first_ex2:last_ex2])  # interleaved, not before them all
     assert runs[last_ex2 + 1:] == [("HGMMA", 8), ("wait", 1), ("TMA", 2)]  # PV, one wait, the refill

@@ -8,7 +8,8 @@ pytestmark = [pytest.mark.gpu,
                                  reason="needs an sm_90 GPU")]
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 1000, 128), (1, 2, 128, 128), (1, 1, 77, 128), (1, 2, 3600, 128)])
+@pytest.mark.parametrize("shape", [(2, 3, 1000, 128), (1, 2, 128, 128), (1, 1, 77, 128), (1, 2, 3600, 128),
+                                   (1, 3, 4306, 64)])
 def test_prototype_matches_sdpa(shape):
     from sparse_vdit.bench.gluon_dense import attention
 
