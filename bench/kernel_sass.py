@@ -36,8 +36,13 @@ def _nvidia_tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+def instruction_name(instruction: str) -> str:
+    """An instruction's full name without its predicate, e.g. "WARPGROUP.DEPBAR.LE"."""
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0]
+
+
 def _opcode(instruction: str) -> str:
-    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
+    return instruction_name(instruction).split(".")[0]
 
 
 def kernel_loops(sass: str) -> list[list[str]]:
