@@ -10,12 +10,13 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.mark.parametrize("shape", [(2, 3, 1000, 128), (1, 2, 128, 128), (1, 1, 77, 128), (1, 2, 3600, 128),
                                    (1, 3, 4306, 64)])
-def test_prototype_matches_sdpa(shape):
+@pytest.mark.parametrize("stages", [2, 3])
+def test_prototype_matches_sdpa(shape, stages):
     from sparse_vdit.bench.gluon_dense import attention
 
     torch.manual_seed(sum(shape))
     q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out = attention(q, k, v)
+    out = attention(q, k, v, stages=stages)
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert torch.isfinite(out).all()
     assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
