@@ -239,6 +239,26 @@ def best_warmups(rows: Sequence[BaselineRow]) -> list[BaselineRow]:
     return list(best.values())
 
 
+def warmups_for(steps: int) -> tuple[int, ...]:
+    """The warm-ups (dense first steps) a run of `steps` sampling steps tries."""
+    return tuple(w for w in WARMUP_STEPS if w < steps)
+
+
+def _gaps(rows: Sequence[BaselineRow], steps: int) -> list[str]:
+    """What a cut-off run lacks: baselines without rows, and (baseline, density) pairs missing warm-ups."""
+    done = {(row.name, row.target, row.warmup) for row in rows}
+    missing = [name for name in BASELINES if name not in {row.name for row in rows}]
+    gaps = [f"no rows for {', '.join(missing)}"] if missing else []
+    expected = warmups_for(steps)
+    for name in (n for n in BASELINES if n not in missing):
+        for target in TARGET_DENSITIES:
+            tried = [w for w in expected if (name, target, w) in done]
+            if len(tried) < len(expected):
+                gaps.append(f"{name} at {target:g} has warm-ups {', '.join(map(str, tried)) or 'none'} "
+                            f"of {', '.join(map(str, expected))}")
+    return gaps
+
+
 def _fmt(pair: tuple[float, float], digits: int) -> str:
     return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
@@ -247,7 +267,7 @@ def baselines_markdown(harness: Harness, rows: Sequence[BaselineRow], floor: Sco
                        seconds: float) -> str:
     """The results page: settings, the floor, best warm-up per (baseline, density), every run."""
     steps = harness.steps
-    missing = [name for name in BASELINES if name not in {row.name for row in rows}]
+    gaps = _gaps(rows, steps)
     lines = [
         "# Testbed: quality of uniform sparse baselines",
         "",
@@ -263,7 +283,7 @@ def baselines_markdown(harness: Harness, rows: Sequence[BaselineRow], floor: Sco
         f"**Floor** (dense sample vs the dense sample of the same prompt from another seed): "
         f"PSNR {_fmt(floor.psnr, 2)} dB, SSIM {_fmt(floor.ssim, 3)}.",
         "",
-        *([f"**Incomplete run**: no rows for {', '.join(missing)}.", ""] if missing else []),
+        *([f"**Incomplete run**: {'; '.join(gaps)}.", ""] if gaps else []),
         "## Best warm-up per baseline and target density",
         "",
         "| baseline | target density | best warm-up (steps) | sparse-step density | run density | PSNR dB | SSIM |",
@@ -302,7 +322,6 @@ def main(argv=None) -> None:
     harness = Harness(model, [p.text for p in HELD_OUT[: args.prompts]], steps=args.steps)
     floor = harness.floor()
     print(f"floor: PSNR {_fmt(floor.psnr, 2)} SSIM {_fmt(floor.ssim, 3)}")
-    warmups = tuple(w for w in WARMUP_STEPS if w < args.steps)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     command = "python -m sparse_vdit.testbed.quality --baselines" + "".join(
         f" --{name} {value}" for name, value, default in (
@@ -311,10 +330,12 @@ def main(argv=None) -> None:
         if value != default)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[BaselineRow] = []
-    for name in names:  # the page is rewritten after each baseline, so a cut-off run keeps its rows
-        rows += run_baselines(harness, names=(name,), warmups=warmups)
-        text = baselines_markdown(harness, rows, floor, command=command, device=device, seconds=time.perf_counter() - started)
-        args.out.write_text(text)
+    for name in names:
+        for target in TARGET_DENSITIES:
+            for warmup in warmups_for(args.steps):  # the page is rewritten after each run: a cut-off run keeps its rows
+                rows += run_baselines(harness, names=(name,), densities=(target,), warmups=(warmup,))
+                args.out.write_text(baselines_markdown(harness, rows, floor, command=command, device=device,
+                                                       seconds=time.perf_counter() - started))
     print(f"wrote {args.out}")
 
 

@@ -2,6 +2,7 @@
 accounting, baseline patterns, and a short harness run (1 prompt x 2 seeds, 2 steps)."""
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -115,6 +116,25 @@ def test_short_harness_run(harness):
     text = Q.baselines_markdown(harness, rows, floor, command="cmd", device="cpu", seconds=1.0)
     assert "Floor" in text and "Incomplete run" in text and text.count("| local_window |") == 3
     assert Q.best_warmups(rows)[0].warmup == 1
+
+
+def test_page_names_what_a_cut_off_run_lacks():
+    floor = Q.Score(1.0, 1.0, (16.0, 0.5), (0.3, 0.01))
+    score = Q.Score(0.5, 0.1, (13.0, 0.2), (0.2, 0.01))
+    rows = [Q.BaselineRow(name, target, warmup, score) for name in Q.BASELINES[:-1]
+            for target in Q.TARGET_DENSITIES for warmup in Q.warmups_for(3)]
+    rows = rows[:-1] + [Q.BaselineRow(Q.BASELINES[-1], Q.TARGET_DENSITIES[0], 2, score)]  # last group cut
+    long_run = types.SimpleNamespace(steps=3, prompts=["p", "p"], n_seeds=2, guidance=3.0)
+    text = Q.baselines_markdown(long_run, rows, floor, command="cmd", device="cpu", seconds=1.0)
+    cut_name, cut_target = Q.BASELINES[-2], Q.TARGET_DENSITIES[-1]
+    assert f"{cut_name} at {cut_target:g} has warm-ups 0, 1 of 0, 1, 2" in text
+    assert f"{Q.BASELINES[-1]} at {Q.TARGET_DENSITIES[1]:g} has warm-ups none of 0, 1, 2" in text
+    assert f"{Q.BASELINES[-1]} at {Q.TARGET_DENSITIES[0]:g} has warm-ups 2 of 0, 1, 2" in text
+    assert "no rows for" not in text
+    complete = rows[:-1] + [Q.BaselineRow(cut_name, cut_target, 2, score)] + [
+        Q.BaselineRow(Q.BASELINES[-1], t, w, score) for t in Q.TARGET_DENSITIES for w in Q.warmups_for(3)]
+    assert "Incomplete run" not in Q.baselines_markdown(long_run, complete, floor, command="cmd", device="cpu",
+                                                        seconds=1.0)
 
 
 def test_harness_rejects_a_strategy_of_another_shape(harness):
