@@ -77,6 +77,7 @@ def gluon_attention_fwd(desc_q, desc_k, desc_v, O, L, qk_scale,
     bars = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES + 1):
         mbarrier.init(bars.index(i), count=1)
+    hopper.fence_async_shared()  # the initialised barriers, before TMA (the async proxy) signals them
     q_bar = bars.index(STAGES)
     mbarrier.expect(q_bar, desc_q.block_type.nbytes)
     tma.async_copy_global_to_shared(desc_q, [row0 + m0, 0], q_bar, q_s)
