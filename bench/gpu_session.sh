@@ -45,7 +45,7 @@ for step in ${steps[*]}; do
                timeout "${PAIRED_SECONDS:-360}" python3 -m sparse_vdit.bench.attention --shapes cogvideox,wan14b \
                  --densities 0.1,0.5 --families diagonal,multi_diagonal --baselines cudnn --flex-shapes "" \
                  --paired-tiles --out "$OUT/paired" ;;
-    gluon)     # the Gluon full-tile prototype (bench/gluon_dense.py): its GPU test, then against SDPA
+    gluon)     # the Gluon full-tile prototype (bench/gluon_dense.py): its GPU test, then timed against cuDNN
                timeout 120 python3 -m pytest -q tests/gpu/test_gluon_dense_gpu.py
                timeout "${GLUON_SECONDS:-120}" python3 -m sparse_vdit.bench.gluon_dense --out "$OUT/gluon_dense.md" ;;
     e2e)       timeout "${E2E_SECONDS:-300}" python3 -m sparse_vdit.bench.e2e --models "${E2E_MODELS:-hunyuan,cogvideox,wan13b}" \
