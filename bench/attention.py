@@ -330,7 +330,10 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
                 note += f"; {patterns[0]}"
             if flex is not None:
                 try:
-                    run, to_logical = flex.prepare(plan, q, k, v)
+                    # Flex's block masks need q-tiles at multiples of block_m: the same token mask,
+                    # classified on that tiling
+                    uniform = compile_layer(patterns, geom, bm, bn, dev, segment_q_tiles=False)
+                    run, to_logical = flex.prepare(uniform, q, k, v)
                     fout = to_logical(run())
                     flex_ms = time_ms(run)
                     live = [h for h in range(H) if not isinstance(patterns[h], Skip)]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .rule import CUBE, ORDER, ROW_BASE, RULE_INTS, SKIP_HEAD, SPACE_MAJOR, cube_order_map
@@ -13,11 +15,27 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=64)
+def q_tile_bounds(prefix: int, grid_tokens: int, seq_len: int, block_m: int, segment_aligned: bool = True) -> np.ndarray:
+    """Physical row where each q-tile starts, then seq_len (int64 [q-tiles + 1], read-only).
+
+    Tiles hold block_m rows; segment-aligned tiles restart at the grid's first row and at the row
+    after it, so no q-tile mixes non-grid rows (text, which attend every key) with grid rows: such a
+    tile would mask nearly every k-tile it visits. Without alignment tiles start at multiples of
+    block_m (the tiling FlexAttention's block masks need)."""
+    cuts = (prefix, prefix + grid_tokens) if segment_aligned else (0, 0)
+    starts = [np.arange(a, b, block_m) for a, b in zip((0,) + cuts, cuts + (seq_len,))]
+    bounds = np.append(np.concatenate(starts), seq_len).astype(np.int64)
+    bounds.flags.writeable = False  # cached: shared by every caller
+    return bounds
+
+
 @dataclass
 class KernelTables:
     """One layer's head rules and range-encoded k-tile runs per (head, q-tile).
 
-    Head h's q-tile t (tiles of BLOCK_M positions in the head's physical order) visits the runs
+    Head h's q-tile t (`q_tile_bounds`: up to BLOCK_M positions in the head's physical order; with
+    `segment_q_tiles` the tiles restart where the grid starts and ends) visits the runs
     `runs[row_ptr[base + t] : row_ptr[base + t + 1]]` with `base = head_rules[h, ROW_BASE]`; each run
     is (k_tile_start, k_tile_end_exclusive, full_flag) over BLOCK_N-wide k-tiles. A full tile has
     every (q, k) pair attended, so no mask is computed there. `cube_map` (int32 [F*H*W], from
@@ -37,6 +55,7 @@ class KernelTables:
     block_n: int
     cube_map: torch.Tensor | None = None
     density_bucket: int = 0  # autotune key only: round(-log2(visited-tile density)), 0 (dense) to 4
+    segment_q_tiles: bool = True
 
     @property
     def heads(self) -> int:
@@ -55,8 +74,13 @@ class KernelTables:
         return self.seq_len - self.prefix - self.grid_tokens
 
     @property
+    def q_bounds(self) -> np.ndarray:
+        """Each q-tile's first physical row, then seq_len (`q_tile_bounds`)."""
+        return q_tile_bounds(self.prefix, self.grid_tokens, self.seq_len, self.block_m, self.segment_q_tiles)
+
+    @property
     def num_q_tiles(self) -> int:
-        return _cdiv(self.seq_len, self.block_m)
+        return len(self.q_bounds) - 1
 
     @property
     def num_k_tiles(self) -> int:
@@ -106,7 +130,8 @@ class KernelTables:
         return KernelTables(self.head_rules.to(device), self.row_ptr.to(device), self.runs.to(device),
                             self.prefix, self.frames, self.height, self.width, self.seq_len,
                             self.block_m, self.block_n,
-                            None if self.cube_map is None else self.cube_map.to(device))
+                            None if self.cube_map is None else self.cube_map.to(device), self.density_bucket,
+                            self.segment_q_tiles)
 
     def validate(self, check_contents: bool = False) -> None:
         """Raise ValueError on bad shapes, dtypes, devices or geometry.
@@ -142,6 +167,8 @@ class KernelTables:
             raise ValueError(f"seq_len {self.seq_len} < prefix {self.prefix} + grid {self.grid_tokens}")
         if self.cube_map is not None and tuple(self.cube_map.shape) != (self.grid_tokens,):
             raise ValueError(f"cube_map must have shape ({self.grid_tokens},), got {tuple(self.cube_map.shape)}")
+        if not isinstance(self.segment_q_tiles, bool):
+            raise ValueError(f"KernelTables.segment_q_tiles must be a bool, got {self.segment_q_tiles!r}")
         for name in ("block_m", "block_n"):
             b = getattr(self, name)
             if b < 16 or b & (b - 1):

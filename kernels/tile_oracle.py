@@ -10,18 +10,19 @@ import torch
 from torch.nn.functional import pad
 
 from .rule import CUBE, ORDER, ROW_BASE, RULE_INTS, SKIP_HEAD, cube_order_map, physical_to_logical, rule_mask
-from .tables import KernelTables
+from .tables import KernelTables, q_tile_bounds
 
 
-def _tile_runs(rule: list[int], geom: tuple[int, int, int, int], seq_len: int, block_m: int,
-               block_n: int, device) -> list[list[tuple[int, int, int]]]:
-    """Per q-tile, the runs (k_start, k_end, full) of k-tiles with any attended pair."""
+def _tile_runs(rule: list[int], geom: tuple[int, int, int, int], seq_len: int, q_bounds, block_n: int,
+               device) -> list[list[tuple[int, int, int]]]:
+    """Per q-tile (rows q_bounds[t]:q_bounds[t + 1]), the runs (k_start, k_end, full) of k-tiles
+    with any attended pair."""
     logical = physical_to_logical(torch.arange(seq_len, device=device), rule[ORDER], *geom)
     n_k = -(-seq_len // block_n)
     pad_n = n_k * block_n - seq_len
     per_q_tile = []
-    for start in range(0, seq_len, block_m):
-        rows = logical[start:start + block_m]
+    for start, end in zip(q_bounds[:-1].tolist(), q_bounds[1:].tolist()):
+        rows = logical[start:end]
         m = rule_mask(rule, *geom, rows, logical)  # [rows, L], keys in physical order
         # keys past the end count as attended for "all" and as absent for "any"
         any_m = pad(m, (0, pad_n), value=False).view(len(rows), n_k, block_n).any(dim=2).any(dim=0)
@@ -39,13 +40,15 @@ def _tile_runs(rule: list[int], geom: tuple[int, int, int, int], seq_len: int, b
 
 
 def tables_from_rules(rules, prefix: int, frames: int, height: int, width: int, seq_len: int,
-                      block_m: int, block_n: int, device=None) -> KernelTables:
+                      block_m: int, block_n: int, device=None, segment_q_tiles: bool = True) -> KernelTables:
     """Exact KernelTables for head rules ([H, 16]; ROW_BASE is filled in here), identical rules
-    sharing rows. Cost grows with H x L^2 (evaluated on `device`): for tests and small sizes."""
+    sharing rows, q-tiles as `tables.q_tile_bounds`. Cost grows with H x L^2 (evaluated on
+    `device`): for tests and small sizes."""
     rows = [list(map(int, r)) for r in torch.as_tensor(rules).tolist()]
     if any(len(r) != RULE_INTS for r in rows):
         raise ValueError(f"each head rule needs {RULE_INTS} ints")
     geom = (prefix, frames, height, width)
+    q_bounds = q_tile_bounds(prefix, frames * height * width, seq_len, block_m, segment_q_tiles)
     row_ptr = [0]
     runs: list[tuple[int, int, int]] = []
     bases: dict[tuple[int, ...], int] = {}
@@ -54,7 +57,7 @@ def tables_from_rules(rules, prefix: int, frames: int, height: int, width: int, 
         key = tuple(r[:ROW_BASE] + r[ROW_BASE + 1:])
         if r[ORDER] != SKIP_HEAD and key not in bases:
             bases[key] = len(row_ptr) - 1
-            for tile_runs in _tile_runs(r, geom, seq_len, block_m, block_n, device or "cpu"):
+            for tile_runs in _tile_runs(r, geom, seq_len, q_bounds, block_n, device or "cpu"):
                 runs.extend(tile_runs)
                 row_ptr.append(len(runs))
         r = list(r)
@@ -68,6 +71,6 @@ def tables_from_rules(rules, prefix: int, frames: int, height: int, width: int, 
         row_ptr=torch.tensor(row_ptr, dtype=torch.int32, device=device),
         runs=torch.tensor(runs, dtype=torch.int32, device=device).reshape(-1, 3),
         prefix=prefix, frames=frames, height=height, width=width, seq_len=seq_len,
-        block_m=block_m, block_n=block_n, cube_map=cube_map)
+        block_m=block_m, block_n=block_n, cube_map=cube_map, segment_q_tiles=segment_q_tiles)
     tables.validate(check_contents=True)
     return tables

@@ -18,12 +18,13 @@ import math
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from .rule import CUBE, FRAME_MAJOR, SPACE_MAJOR, physical_to_logical
-from .tables import KernelTables
+from .tables import KernelTables, q_tile_bounds
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.0 / math.log(2.0)
@@ -439,26 +440,33 @@ def _attend_cube_runs_tma(acc, m_i, l_i, q, box, RUNS, run_lo, run_hi, first_cut
 
 
 @triton.jit
-def _work_item(pid, n_active, L, prefix, N, BLOCK_M: tl.constexpr):
-    """(q-tile, active-head index) of program `pid`. Q-tiles holding non-grid rows (text), which
-    attend every key and so cost up to 1/density grid tiles, come first for every head; then each
-    head's grid tiles in order. Launched in q-tile order, the last head's text tiles started last
-    and ran alone on a few SMs (15-23% of a CogVideoX1.5 layer at density 0.1, ncu)."""
-    n_q = tl.cdiv(L, BLOCK_M)
-    n_pre = tl.cdiv(prefix, BLOCK_M)
-    grid_end = prefix + N
-    suffix_start = tl.where(grid_end < L, grid_end // BLOCK_M, n_q)
-    suffix_start = tl.maximum(suffix_start, n_pre)
-    n_heavy = n_pre + n_q - suffix_start
+def _work_item(pid, n_active, n_q, n_lead, trail_start):
+    """(q-tile, active-head index) of program `pid`. The q-tiles holding non-grid rows (text: the
+    first `n_lead` and those from `trail_start` on), which attend every key and so cost up to
+    1/density grid tiles, come first for every head; then each head's grid tiles in order. Launched
+    in q-tile order, the last head's text tiles started last and ran alone on a few SMs (15-23% of
+    a CogVideoX1.5 layer at density 0.1, ncu)."""
+    n_heavy = n_lead + n_q - trail_start
     heavy = pid < n_heavy * n_active
     light = tl.where(heavy, 0, pid - n_heavy * n_active)
-    n_light = tl.maximum(suffix_start - n_pre, 1)
+    n_light = tl.maximum(trail_start - n_lead, 1)
     per_head = tl.maximum(n_heavy, 1)
     j = pid % per_head
-    heavy_tile = tl.where(j < n_pre, j, suffix_start + j - n_pre)
-    q_tile = tl.where(heavy, heavy_tile, n_pre + light % n_light)
+    heavy_tile = tl.where(j < n_lead, j, trail_start + j - n_lead)
+    q_tile = tl.where(heavy, heavy_tile, n_lead + light % n_light)
     head = tl.where(heavy, pid // per_head, light // n_light)
     return q_tile, head
+
+
+@triton.jit
+def _q_tile_rows(t, cut1, cut2, L, BLOCK_M: tl.constexpr):
+    """(first row, end) of q-tile t: tiles of BLOCK_M rows that restart at cut1 and cut2
+    (tables.q_tile_bounds: the grid's bounds for segment-aligned tiles, 0 and 0 otherwise)."""
+    n1 = tl.cdiv(cut1, BLOCK_M)
+    n2 = n1 + tl.cdiv(cut2 - cut1, BLOCK_M)
+    start = tl.where(t < n1, t * BLOCK_M, tl.where(t < n2, cut1 + (t - n1) * BLOCK_M, cut2 + (t - n2) * BLOCK_M))
+    end = tl.minimum(start + BLOCK_M, tl.where(t < n1, cut1, tl.where(t < n2, cut2, L)))
+    return start, end
 
 
 # work_bucket (bit length of the program count), density_bucket (the layer's visited-tile density,
@@ -472,18 +480,20 @@ def _work_item(pid, n_active, L, prefix, N, BLOCK_M: tl.constexpr):
                       "has_cube_copies", "paired_tiles"],
                  prune_configs_by={"early_config_prune": _prune_configs},
                  do_bench=_time_config, cache_results=True)
-@triton.jit(do_not_specialize=["n_active", "work_bucket", "has_cube_copies", "paired_tiles"])  # one binary a config
+@triton.jit(do_not_specialize=["n_active", "q_cut1", "q_cut2", "n_q", "n_lead", "trail_start", "work_bucket",
+                               "has_cube_copies", "paired_tiles"])  # one binary a config
 def _sparse_attention_fwd(
     Q, K, V, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN, CUBE_MAP, DESC_K, DESC_V, DESC_KS, DESC_VS, SLOT,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
-    n_active, L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale, work_bucket, density_bucket, has_desc,
+    n_active, q_cut1, q_cut2, n_q, n_lead, trail_start,
+    L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale, work_bucket, density_bucket, has_desc,
     win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard, n_slots, has_cube_copies, paired_tiles,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KV_LEN: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, MERGED_CUBE: tl.constexpr,
     PAIRED: tl.constexpr,
 ):
-    pid_m, a = _work_item(tl.program_id(0), n_active, L, prefix, N, BLOCK_M)
+    pid_m, a = _work_item(tl.program_id(0), n_active, n_q, n_lead, trail_start)
     b = tl.program_id(1).to(tl.int64)
     h = tl.load(ACTIVE + a).to(tl.int64)
     rule = RULES + h * 16
@@ -501,10 +511,11 @@ def _sparse_attention_fwd(
     if (order == 2) & (kv_end > prefix) & (kv_end < prefix + N):
         first_cut_tile = (prefix + (kv_end - prefix) // P * P) // BLOCK_N
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_start, m_end = _q_tile_rows(pid_m, q_cut1, q_cut2, L, BLOCK_M)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    lq = _to_logical(offs_m, order, prefix, F, P, N, inv_F, CUBE_MAP)
-    q_valid = offs_m < L
+    q_valid = offs_m < m_end
+    lq = _to_logical(tl.where(q_valid, offs_m, m_start), order, prefix, F, P, N, inv_F, CUBE_MAP)
     q_ptrs = Q + b * stride_qb + h * stride_qh + lq.to(tl.int64)[:, None] * stride_ql + offs_d[None, :]
     q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
     gq = lq - prefix
@@ -686,20 +697,34 @@ def _physical_order_copies(kb: torch.Tensor, vb: torch.Tensor, heads: torch.Tens
     return None if None in copies else copies
 
 
+def work_order(prefix: int, grid_tokens: int, L: int, block_m: int, segment_q_tiles: bool) -> tuple[int, ...]:
+    """The q-tiling's kernel arguments: (cut1, cut2) where tiles restart (`_q_tile_rows`), the
+    q-tile count, the tiles before the first grid-only tile and the first tile after the grid's
+    tiles that holds a suffix row (`_work_item`)."""
+    cuts = (prefix, prefix + grid_tokens) if segment_q_tiles else (0, 0)
+    bounds = q_tile_bounds(prefix, grid_tokens, L, block_m, segment_q_tiles)
+    n_q = len(bounds) - 1
+    n_lead = int(np.searchsorted(bounds[:-1], prefix))  # tiles starting inside the prefix
+    grid_end = prefix + grid_tokens
+    trail_start = max(int(np.searchsorted(bounds[1:], grid_end, "right")), n_lead) if grid_end < L else n_q
+    return cuts + (n_q, n_lead, trail_start)
+
+
 def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                             head_rules: torch.Tensor, row_ptr: torch.Tensor, runs: torch.Tensor,
                             active_heads: torch.Tensor, skip_heads: torch.Tensor,
                             kv_len: Optional[torch.Tensor], cube_map: Optional[torch.Tensor],
                             geometry: list[int], block_m: int, block_n: int, layout: str,
                             scale: float, density_bucket: int = 0,
-                            permuted: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> None:
+                            permuted: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                            segment_q_tiles: bool = True) -> None:
     """Write sparse attention into `out` (same layout as q): skip heads zero-filled, active heads
     by the kernel. geometry = [prefix, frames, height, width]; cube_map is needed when a head runs
     in cube order (pass None otherwise: it also tells the autotuner whether cube-order walks
     matter); density_bucket (KernelTables.density_bucket) only keys the autotuning;
     permuted = (heads, slots, orders) from KernelTables.launch_heads lets space-major and
-    cube-order heads load by TMA from copies of their K/V in their own order; inputs must already
-    be validated."""
+    cube-order heads load by TMA from copies of their K/V in their own order; segment_q_tiles is
+    the tables' q-tiling (tables.q_tile_bounds); inputs must already be validated."""
     qb, kb, vb, ob = (_bhld(t, layout) for t in (q, k, v, out))
     B, _, L, D = qb.shape
     prefix, frames, height, width = geometry
@@ -709,7 +734,9 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     n_active = active_heads.numel()
     if n_active == 0:
         return
-    grid = (triton.cdiv(L, block_m) * n_active, B)  # (q-tile, head) work items, `_work_item`
+    N = frames * P
+    order = work_order(prefix, N, L, block_m, segment_q_tiles)
+    grid = (order[2] * n_active, B)  # (q-tile, head) work items, `_work_item`
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     descs = None
     if _tma_enabled() and (_INTERPRET or torch.cuda.get_device_capability(q.device)[0] >= 9):
@@ -735,7 +762,7 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
             *(descs or (kb, vb)), *(copies or descs or (kb, vb)), slots,
             qb.stride(0), qb.stride(1), qb.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
             vb.stride(0), vb.stride(1), vb.stride(2), ob.stride(0), ob.stride(1), ob.stride(2),
-            n_active, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
+            n_active, *order, L, prefix, frames, width, P, N, 1.0 / frames, 1.0 / width, 1.0 / P,
             scale * _LOG2E, work_bucket, density_bucket, has_desc, *box_layouts(frames, height, width), n_slots,
             has_cube_copies, paired_tiles)
     kernel, options = _sparse_attention_fwd, {}
@@ -762,21 +789,23 @@ def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_
                         block_n: int, layout: str, scale: float, density_bucket: int = 0,
                         permuted_heads: Optional[torch.Tensor] = None,
                         permuted_slots: Optional[torch.Tensor] = None,
-                        permuted_orders: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        permuted_orders: Optional[torch.Tensor] = None,
+                        segment_q_tiles: bool = True) -> torch.Tensor:
     """Custom-op form of `launch_sparse_attention` returning a new contiguous output."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     permuted = None
     if permuted_heads is not None and permuted_slots is not None and permuted_orders is not None:
         permuted = (permuted_heads, permuted_slots, permuted_orders)
     launch_sparse_attention(q, k, v, out, head_rules, row_ptr, runs, active_heads, skip_heads, kv_len,
-                            cube_map, geometry, block_m, block_n, layout, scale, density_bucket, permuted)
+                            cube_map, geometry, block_m, block_n, layout, scale, density_bucket, permuted,
+                            segment_q_tiles)
     return out
 
 
 @sparse_attention_op.register_fake
 def _sparse_attention_fake(q, k, v, head_rules, row_ptr, runs, active_heads, skip_heads, kv_len,
                            cube_map, geometry, block_m, block_n, layout, scale, density_bucket=0,
-                           permuted_heads=None, permuted_slots=None, permuted_orders=None):
+                           permuted_heads=None, permuted_slots=None, permuted_orders=None, segment_q_tiles=True):
     return q.new_empty(q.shape)
 
 
@@ -796,4 +825,4 @@ def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
         q, k, v, tables.head_rules, tables.row_ptr, tables.runs, active, skip, kv_len, cube_map,
         [tables.prefix, tables.frames, tables.height, tables.width],
         tables.block_m, tables.block_n, layout, float(scale), tables.density_bucket,
-        permuted_heads, permuted_slots, permuted_orders)
+        permuted_heads, permuted_slots, permuted_orders, tables.segment_q_tiles)

@@ -40,7 +40,7 @@ import torch
 
 from ..kernels import rule as R
 from ..kernels import sparse_attention
-from ..kernels.tables import KernelTables
+from ..kernels.tables import KernelTables, q_tile_bounds
 from .geometry import VideoGeometry
 from .patterns import Dense, Pattern
 
@@ -75,21 +75,26 @@ class _Intervals:
         return tuple(np.concatenate(a).astype(np.int64, copy=False) for a in (self.seg, self.start, self.end))
 
 
+def _tile_bounds(geom: VideoGeometry, block: int, segment: bool) -> np.ndarray:
+    """First physical position of each tile of `block` positions, then L (tables.q_tile_bounds:
+    with `segment` the tiles restart where the grid starts and ends; k-tiles never do)."""
+    return q_tile_bounds(geom.prefix, geom.grid_tokens, geom.seq_len, block, segment)
+
+
 @functools.lru_cache(maxsize=32)
-def _segments(geom: VideoGeometry, block_m: int, inner: int):
+def _segments(geom: VideoGeometry, block_m: int, segment: bool, inner: int):
     """Grid segments [a0, a1) of physical grid positions, cut at q-tiles and at multiples of
     `inner`; returns a0, a1, each segment's q-tile and the (segment, start, end) intervals of every
     rule: any (each query attends itself) and all (itself when alone)."""
     N, pre = geom.grid_tokens, geom.prefix
-    nq = _cdiv(geom.seq_len, block_m)
-    cuts = np.concatenate([np.arange(0, N + 1, inner),
-                           np.clip(np.arange(nq + 1, dtype=np.int64) * block_m - pre, 0, N)])
+    bounds = _tile_bounds(geom, block_m, segment)
+    cuts = np.concatenate([np.arange(0, N + 1, inner), np.clip(bounds - pre, 0, N)])
     cuts.sort(kind="stable")  # two sorted runs: merged
     cuts = cuts[np.append(True, cuts[1:] != cuts[:-1])]
     a0, a1 = cuts[:-1], cuts[1:]
     seg = np.arange(a0.size)
     alone = a1 - a0 == 1
-    out = (a0, a1, (a0 + pre) // block_m, (seg, a0, a1), (seg[alone], a0[alone], a1[alone]))
+    out = (a0, a1, np.searchsorted(bounds, a0 + pre, "right") - 1, (seg, a0, a1), (seg[alone], a0[alone], a1[alone]))
     for a in out[:3] + out[3] + out[4]:
         a.flags.writeable = False  # cached: shared by every caller
     return out
@@ -228,10 +233,10 @@ def _stripe_key_code(stripes: tuple, order, geom: VideoGeometry, block_n: int) -
 
 
 @functools.lru_cache(maxsize=256)
-def _code_ranges(stripes: tuple, order, geom: VideoGeometry, block_m: int, block_n: int):
+def _code_ranges(stripes: tuple, order, geom: VideoGeometry, block_m: int, segment: bool, block_n: int):
     """(q-tile, lo, hi, kind) k-tile ranges of the key codes (_stripe_key_code) and the row codes:
     kind 0 where either is > 0 (visited), kind 2 where either is 2 (full)."""
-    key, row = _stripe_key_code(stripes, order, geom, block_n), _row_code(geom, block_m)
+    key, row = _stripe_key_code(stripes, order, geom, block_n), _row_code(geom, block_m, segment)
     nq, q, lo, hi, kind = row.size, [], [], [], []
     for k, code in ((0, 1), (2, 2)):
         start, end = _ranges(key >= code)  # for every q-tile
@@ -247,30 +252,32 @@ def _code_ranges(stripes: tuple, order, geom: VideoGeometry, block_m: int, block
 
 
 @functools.lru_cache(maxsize=64)
-def _row_code(geom: VideoGeometry, block_m: int) -> np.ndarray:
-    """Per q-tile (int8): 2 without grid rows (every k-tile full), 1 holding a non-grid row (it attends
-    every key: every k-tile visited), else 0."""
-    L, N, pre = geom.seq_len, geom.grid_tokens, geom.prefix
-    lo = np.arange(_cdiv(L, block_m)) * block_m
-    hi = np.minimum(lo + block_m, L)
+def _row_code(geom: VideoGeometry, block: int, segment: bool = False) -> np.ndarray:
+    """Per tile of `_tile_bounds(geom, block, segment)` (int8): 2 without grid positions (a q-tile's
+    every k-tile is full; a k-tile every query attends), 1 holding a non-grid position, else 0."""
+    N, pre = geom.grid_tokens, geom.prefix
+    bounds = _tile_bounds(geom, block, segment)
+    lo, hi = bounds[:-1], bounds[1:]
     code = ((lo < pre) | (hi > pre + N)).astype(np.int8) + ((hi <= pre) | (lo >= pre + N))
     code.flags.writeable = False  # cached: shared by every caller
     return code
 
 
-def tile_runs(rule, order: int, geom: VideoGeometry, block_m: int, block_n: int):
+def tile_runs(rule, order: int, geom: VideoGeometry, block_m: int, block_n: int, segment_q_tiles: bool = True):
     """Range-encoded k-tiles of one head rule in physical `order`: (row_ptr [q-tiles + 1] int64,
-    runs [R, 3] int32 = (k_tile_start, k_tile_end, full)), runs sorted within each q-tile."""
+    runs [R, 3] int32 = (k_tile_start, k_tile_end, full)), runs sorted within each q-tile; q-tiles
+    as `tables.q_tile_bounds`."""
+    segment = segment_q_tiles
     if order == R.SPACE_MAJOR and (rule[R.DIAG] >= 0 or rule[R.WIN_F] >= 0):
         raise ValueError("space-major order supports multi-diagonal and stripe rules only, "
                          f"not a diagonal or window (rule {rule})")
     if order == R.CUBE:
-        return _cube_tile_runs(rule, geom, block_m, block_n)
+        return _cube_tile_runs(rule, geom, block_m, segment, block_n)
     if order == R.SPACE_MAJOR:  # a band over every frame joins the positions of a q-tile
         inner = geom.grid_tokens if rule[R.MD_T] >= geom.frames - 1 else geom.frames
     else:  # windows need one row per segment; bands only one frame
         inner = geom.width if rule[R.WIN_F] >= 0 else geom.tokens_per_frame
-    a0, a1, seg_qt, any_base, all_base = _segments(geom, block_m, inner)
+    a0, a1, seg_qt, any_base, all_base = _segments(geom, block_m, segment, inner)
     holds_itself = (rule[R.DIAG] >= 0 or (rule[R.MD_S] >= 0 and rule[R.MD_T] >= 0)
                     or (rule[R.WIN_F] >= 0 and rule[R.WIN_Y] >= 0 and rule[R.WIN_X] >= 0))
     any_iv = _Intervals(*(a[:0] for a in any_base) if holds_itself else any_base)  # a query attends itself
@@ -288,17 +295,18 @@ def tile_runs(rule, order: int, geom: VideoGeometry, block_m: int, block_n: int)
         stripes = tuple(rule[R.STRIPE_FIRST:])
         if rule[R.MD_S] >= 0:
             _space_major_intervals(rule, geom, a0, a1, any_iv, all_iv, block_n)
-    codes = _code_ranges(stripes, order, geom, block_m, block_n)
-    return _interval_tables(any_iv, all_iv, seg_qt, codes, geom, block_m, block_n)
+    codes = _code_ranges(stripes, order, geom, block_m, segment, block_n)
+    return _interval_tables(any_iv, all_iv, seg_qt, codes, geom, len(_tile_bounds(geom, block_m, segment)) - 1,
+                            block_n)
 
 
-def _interval_tables(any_iv: _Intervals, all_iv: _Intervals, seg_qt, codes, geom: VideoGeometry, block_m: int,
+def _interval_tables(any_iv: _Intervals, all_iv: _Intervals, seg_qt, codes, geom: VideoGeometry, nq: int,
                      block_n: int):
     """(row_ptr, runs) of grid intervals and the codes' k-tile ranges (_code_ranges): a k-tile is
     visited when an any-interval touches it or a code range of kind 0 holds it; full when it lies
     inside the merged all-intervals of every grid segment of its q-tile, or a range of kind 2 holds it."""
     L, pre = geom.seq_len, geom.prefix
-    nq, nk = _cdiv(L, block_m), _cdiv(L, block_n)
+    nk = _cdiv(L, block_n)
     segments = np.bincount(seg_qt, minlength=nq)
     s, lo, hi = any_iv.arrays()
     visits = seg_qt[s], (lo + pre) // block_n, (hi + pre - 1) // block_n + 1
@@ -321,14 +329,15 @@ def _cube_map(geom: VideoGeometry) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def _cube_classes(geom: VideoGeometry, block: int):
-    """Cube order, tiles of `block` positions: (first grid-bearing tile, frame lo, frame hi of each
+def _cube_classes(geom: VideoGeometry, block: int, segment: bool):
+    """Cube order, tiles of `_tile_bounds(geom, block, segment)`: (first grid-bearing tile, frame lo, frame hi of each
     grid-bearing tile, class of every tile, ((row class of each class, row boxes [row classes, 2]), the
     same for columns)). A tile's box is the per-axis min / max over its grid tokens; tiles of equal
     row and column boxes share a class; tiles without grid tokens get class `classes` (one past the last)."""
     N, pre, P, H, W = geom.grid_tokens, geom.prefix, geom.tokens_per_frame, geom.height, geom.width
-    first, last = pre // block, (pre + N - 1) // block
-    starts = np.maximum(np.arange(first, last + 1) * block - pre, 0)
+    tiles = _tile_bounds(geom, block, segment)
+    first, last = (int(t) for t in np.searchsorted(tiles, [pre, pre + N - 1], "right") - 1)
+    starts = np.maximum(tiles[first:last + 1] - pre, 0)
     ends = np.append(starts[1:], N)
     frame = R.cube_order_map(1, H, W).numpy()  # every frame is laid out as the first
     coord = np.tile(np.stack([frame // W, frame % W], 1), (_cdiv(block, P) + 1, 1))  # (row, column)
@@ -341,7 +350,7 @@ def _cube_classes(geom: VideoGeometry, block: int):
         axis_boxes.append(np.stack([packed // size, packed % size], 1))
         axis_class.append(tile_axis_class)
     pairs, grid_class = np.unique(axis_class[0] * len(axis_boxes[1]) + axis_class[1], return_inverse=True)
-    tile_class = np.full(_cdiv(geom.seq_len, block), pairs.size)
+    tile_class = np.full(len(tiles) - 1, pairs.size)
     tile_class[first: last + 1] = grid_class
     axes = ((pairs // len(axis_boxes[1]), axis_boxes[0]), (pairs % len(axis_boxes[1]), axis_boxes[1]))
     out = (first, starts // P, (ends - 1) // P, tile_class, axes)
@@ -367,7 +376,7 @@ def _axis_code(radius: int, q_box: np.ndarray, k_box: np.ndarray) -> np.ndarray:
     return some.astype(np.int8) + every
 
 
-def _cube_tile_runs(rule, geom: VideoGeometry, block_m: int, block_n: int):
+def _cube_tile_runs(rule, geom: VideoGeometry, block_m: int, segment: bool, block_n: int):
     """tile_runs for cube order (windows with stripes).
 
     A pair's window code is the smaller of its frame code (from the tiles' frame spans: k-tiles
@@ -383,10 +392,10 @@ def _cube_tile_runs(rule, geom: VideoGeometry, block_m: int, block_n: int):
     if rule[R.WIN_F] < 0 or rule[R.DIAG] >= 0 or rule[R.MD_S] >= 0:
         raise ValueError("cube order supports window rules (with stripes) only, "
                          f"not a diagonal, a spatial band or no window (rule {rule})")
-    key, row = _key_code(rule, R.CUBE, geom, block_n), _row_code(geom, block_m)
+    key, row = _key_code(rule, R.CUBE, geom, block_n), _row_code(geom, block_m, segment)
     nq, nk = row.size, key.size
-    q0, qf_lo, qf_hi, q_class, q_axes = _cube_classes(geom, block_m)
-    k0, kf_lo, kf_hi, k_class, k_axes = _cube_classes(geom, block_n)
+    q0, qf_lo, qf_hi, q_class, q_axes = _cube_classes(geom, block_m, segment)
+    k0, kf_lo, kf_hi, k_class, k_axes = _cube_classes(geom, block_n, False)
     rf = min(rule[R.WIN_F], geom.frames - 1)
     grid = slice(q0, q0 + qf_lo.size)
     # each grid-bearing q-tile's (row code, row-axis codes, column-axis codes), packed in one int
@@ -458,15 +467,16 @@ def _box_size(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def _frame_major_queries(geom: VideoGeometry, block_m: int):
+def _frame_major_queries(geom: VideoGeometry, block_m: int, segment: bool):
     """Frame-major order, the q-tiles with grid rows: (their indices, first frame, (frame, row, column)
     lo and hi [3, q-tiles] over their grid queries, and the (row, column) lo and hi [2, 3, q-tiles] of
     three boxes of their first frame's queries: the first row, the full rows after it and the last
     row; empty boxes have hi -1)."""
     F, H, W, P, N, pre = geom.frames, geom.height, geom.width, geom.tokens_per_frame, geom.grid_tokens, geom.prefix
-    grid = np.flatnonzero(_row_code(geom, block_m) < 2)
-    g0 = np.clip(grid * block_m - pre, 0, N)
-    g1 = np.clip(grid * block_m + block_m - pre, 0, N) - 1  # the last grid query
+    grid = np.flatnonzero(_row_code(geom, block_m, segment) < 2)
+    bounds = _tile_bounds(geom, block_m, segment)
+    g0 = np.clip(bounds[grid] - pre, 0, N)
+    g1 = np.clip(bounds[grid + 1] - pre, 0, N) - 1  # the last grid query
     f0, f1 = g0 // P, g1 // P
     one_frame, one_row = f0 == f1, g0 // W == g1 // W
     lo = np.stack([f0, np.where(one_frame, g0 % P // W, 0), np.where(one_row, g0 % W, 0)])
@@ -482,7 +492,7 @@ def _frame_major_queries(geom: VideoGeometry, block_m: int):
     return out
 
 
-def _frame_major_window_bound(rule, geom: VideoGeometry, block_m: int, block_n: int) -> float:
+def _frame_major_window_bound(rule, geom: VideoGeometry, block_m: int, block_n: int, segment: bool = True) -> float:
     """A lower bound of tile_cost of a window rule's frame-major tables (less one tile for rounding),
     from token counts per q-tile; a q-tile with grid rows costs at least
     visited + (PARTIAL_TILE_COST - 1) * (visited - full) for any visited >= V and full <= min(visited, U):
@@ -499,9 +509,9 @@ def _frame_major_window_bound(rule, geom: VideoGeometry, block_m: int, block_n: 
                              geom.seq_len, geom.prefix)
     radius = np.array([[min(rule[R.WIN_F], F - 1)], [rule[R.WIN_Y]], [rule[R.WIN_X]]])
     top = np.array([[F - 1], [H - 1], [W - 1]])
-    grid, f0, lo, hi, piece_lo, piece_hi = _frame_major_queries(geom, block_m)
+    grid, f0, lo, hi, piece_lo, piece_hi = _frame_major_queries(geom, block_m, segment)
     key = _key_code(rule, R.FRAME_MAJOR, geom, block_n)
-    nk, nq = key.size, _cdiv(L, block_m)
+    nk, nq = key.size, len(_tile_bounds(geom, block_m, segment)) - 1
     starts = np.arange(nk) * block_n
     odd_tiles = np.count_nonzero(key | (starts < pre) | (starts + block_n > pre + N))
     nf, ny, nx = np.maximum(np.minimum(lo + radius, top) - np.maximum(hi - radius, 0) + 1, 0)  # every query's
@@ -513,7 +523,7 @@ def _frame_major_window_bound(rule, geom: VideoGeometry, block_m: int, block_n: 
                                                         np.minimum(hi[:, a], hi[:, b])).sum(axis=0)
              + _box_size(lo.max(axis=1), hi.min(axis=1)))
     frames = np.minimum(f0 + radius[0], F - 1) - np.maximum(f0 - radius[0], 0) + 1
-    visited = np.where(_row_code(geom, block_m)[grid] == 0, np.minimum(_cdiv(frames * union + L - N, block_n), nk), nk)
+    visited = np.where(_row_code(geom, block_m, segment)[grid] == 0, np.minimum(_cdiv(frames * union + L - N, block_n), nk), nk)
     full = np.minimum(visited, inside + odd_tiles)
     every = nk * (nq - grid.size)  # q-tiles without grid rows: every k-tile full
     return _cost(int(visited.sum()) + every, int(full.sum()) + every) - 1
@@ -533,40 +543,41 @@ def _runs(q, start, end, code, nq: int):
     return row_ptr, runs
 
 
-def _choose_order(rule, geom: VideoGeometry, block_m: int, block_n: int):
+def _choose_order(rule, geom: VideoGeometry, block_m: int, block_n: int, segment_q_tiles: bool = True):
     """Order and runs of a rule: the cheaper (`tile_cost`) of frame-major and cube order for a window
     without diagonal or spatial band (frame-major is compiled only when its lower bound does not
     exceed the cube-order cost); for a spatial band without diagonal, window or stripe keys (those
     scatter in space-major order) the cheaper of frame-major and space-major, whose costs are first
     estimated per q-tile (both orders are compiled only when the estimates are close); frame-major
     otherwise. Returns (order, row_ptr, runs, visited tiles, tile_cost)."""
+    tiles = (block_m, block_n, segment_q_tiles)
     if rule[R.WIN_F] >= 0 and rule[R.DIAG] < 0 and rule[R.MD_S] < 0:
-        cube = _ordered(R.CUBE, rule, geom, block_m, block_n)
-        if cube[4] >= _frame_major_window_bound(rule, geom, block_m, block_n):
-            fm = _ordered(R.FRAME_MAJOR, rule, geom, block_m, block_n)
+        cube = _ordered(R.CUBE, rule, geom, *tiles)
+        if cube[4] >= _frame_major_window_bound(rule, geom, block_m, block_n, segment_q_tiles):
+            fm = _ordered(R.FRAME_MAJOR, rule, geom, *tiles)
             if fm[4] <= cube[4]:
                 return fm
         return cube
     if rule[R.MD_S] < 0 or rule[R.DIAG] >= 0 or rule[R.WIN_F] >= 0 or rule[R.STRIPE_FIRST] > 0 \
             or rule[R.N_COLS] > 0:
-        return _ordered(R.FRAME_MAJOR, rule, geom, block_m, block_n)
+        return _ordered(R.FRAME_MAJOR, rule, geom, *tiles)
     F, P, S, T = geom.frames, geom.tokens_per_frame, rule[R.MD_S], rule[R.MD_T]
     if T >= F - 1:  # every frame: each query's keys are one contiguous block in space-major order
-        return _ordered(R.SPACE_MAJOR, rule, geom, block_m, block_n)
+        return _ordered(R.SPACE_MAJOR, rule, geom, *tiles)
     frame_major = min(2 * T + 1, F) * (min(2 * S + block_m, P) / block_n + 1)
     space_major = min((2 * S + 1) * F + block_m, geom.grid_tokens) / block_n + 1
     if space_major * 1.5 < frame_major:
-        return _ordered(R.SPACE_MAJOR, rule, geom, block_m, block_n)
-    fm = _ordered(R.FRAME_MAJOR, rule, geom, block_m, block_n)
+        return _ordered(R.SPACE_MAJOR, rule, geom, *tiles)
+    fm = _ordered(R.FRAME_MAJOR, rule, geom, *tiles)
     if frame_major * 1.5 < space_major:
         return fm
-    sm = _ordered(R.SPACE_MAJOR, rule, geom, block_m, block_n)
+    sm = _ordered(R.SPACE_MAJOR, rule, geom, *tiles)
     return sm if sm[4] < fm[4] else fm
 
 
-def _ordered(order: int, rule, geom: VideoGeometry, block_m: int, block_n: int):
+def _ordered(order: int, rule, geom: VideoGeometry, block_m: int, block_n: int, segment_q_tiles: bool):
     """(order, row_ptr, runs, visited tiles, tile_cost) of a rule in `order`."""
-    row_ptr, runs = tile_runs(rule, order, geom, block_m, block_n)
+    row_ptr, runs = tile_runs(rule, order, geom, block_m, block_n, segment_q_tiles)
     visited, full = _tile_counts(runs)
     return order, row_ptr, runs, visited, _cost(visited, full)
 
@@ -599,14 +610,16 @@ def tile_cost(runs: np.ndarray) -> float:
 
 
 class TablePool:
-    """Append-only row_ptr / runs shared by every plan of one (device, geometry, tiles).
+    """Append-only row_ptr / runs shared by every plan of one (device, geometry, tiles, q-tiling).
 
     Each distinct rule (ORDER and ROW_BASE aside) is classified once; its q-tile row pointers start
     at its ROW_BASE. Device tensors are rebuilt lazily when entries were added since the last use.
     """
 
-    def __init__(self, geom: VideoGeometry, block_m: int, block_n: int, device: torch.device):
+    def __init__(self, geom: VideoGeometry, block_m: int, block_n: int, device: torch.device,
+                 segment_q_tiles: bool = True):
         self.geom, self.block_m, self.block_n, self.device = geom, block_m, block_n, device
+        self.segment_q_tiles = segment_q_tiles
         self.entries: dict[tuple[int, ...], tuple[int, int, int, float]] = {}  # key -> (order, base, tiles, cost)
         self._row_ptr = [np.zeros(1, np.int64)]
         self._runs: list[np.ndarray] = []
@@ -621,7 +634,7 @@ class TablePool:
         new = list({tuple(r[R.DIAG:]): r for r in rules if tuple(r[R.DIAG:]) not in self.entries}.values())
 
         def classify(rule):
-            return _choose_order(rule, self.geom, self.block_m, self.block_n)
+            return _choose_order(rule, self.geom, self.block_m, self.block_n, self.segment_q_tiles)
 
         if len(new) > 1 and _CLASSIFY_THREADS > 1:
             with concurrent.futures.ThreadPoolExecutor(min(len(new), _CLASSIFY_THREADS)) as threads:
@@ -661,12 +674,12 @@ class TablePool:
 _POOLS: dict[tuple, TablePool] = {}
 
 
-def table_pool(geom: VideoGeometry, block_m: int, block_n: int, device) -> TablePool:
-    """The shared pool for (device, geometry, tiles)."""
+def table_pool(geom: VideoGeometry, block_m: int, block_n: int, device, segment_q_tiles: bool = True) -> TablePool:
+    """The shared pool for (device, geometry, tiles, q-tiling)."""
     device = _normal_device(device)
-    key = (device, geom, block_m, block_n)
+    key = (device, geom, block_m, block_n, segment_q_tiles)
     if key not in _POOLS:
-        _POOLS[key] = TablePool(geom, block_m, block_n, device)
+        _POOLS[key] = TablePool(geom, block_m, block_n, device, segment_q_tiles)
     return _POOLS[key]
 
 
@@ -731,7 +744,8 @@ class LayerPlan:
         g = self.geometry
         bucket = min(4, max(0, round(-math.log2(max(self.tile_density, 1e-6)))))
         return KernelTables(head_rules, *pool_tensors, g.prefix, g.frames, g.height, g.width, g.seq_len,
-                            self.pool.block_m, self.pool.block_n, self.pool.cube_map, bucket)
+                            self.pool.block_m, self.pool.block_n, self.pool.cube_map, bucket,
+                            self.pool.segment_q_tiles)
 
     @functools.cached_property
     def dense_heads(self) -> tuple[int, ...]:
@@ -773,8 +787,8 @@ class LayerPlan:
 
 @functools.lru_cache(maxsize=4096)
 def _compile(patterns: tuple[Pattern, ...], geom: VideoGeometry, block_m: int, block_n: int,
-             device: torch.device) -> LayerPlan:
-    pool = table_pool(geom, block_m, block_n, device)
+             device: torch.device, segment_q_tiles: bool) -> LayerPlan:
+    pool = table_pool(geom, block_m, block_n, device, segment_q_tiles)
     head_rule = {p: p.head_rule(geom) for p in patterns}  # one per distinct pattern
     live = {p: r for p, r in head_rule.items() if r[R.ORDER] != R.SKIP_HEAD}
     entries = dict(zip(live, pool.add(list(live.values()))))
@@ -786,14 +800,19 @@ def _compile(patterns: tuple[Pattern, ...], geom: VideoGeometry, block_m: int, b
         compiled[p] = (rule, tiles, cost)
     rules = [compiled[p][0] for p in patterns]
     active = sum(r[R.ORDER] != R.SKIP_HEAD for r in rules)
-    all_tiles = active * _cdiv(geom.seq_len, block_m) * _cdiv(geom.seq_len, block_n)
+    all_tiles = active * (len(_tile_bounds(geom, block_m, segment_q_tiles)) - 1) * _cdiv(geom.seq_len, block_n)
     visited, cost = (sum(compiled[p][i] for p in patterns) / all_tiles if active else 0.0 for i in (1, 2))
     head_rules = torch.tensor(rules, dtype=torch.int32).to(device)
     return LayerPlan(geom, patterns, head_rules, visited, pool, cost)
 
 
-def compile_layer(patterns, geom: VideoGeometry, block_m: int, block_n: int, device="cpu") -> LayerPlan:
-    """Compile one layer's per-head patterns at `geom` into a cached LayerPlan on `device`."""
+def compile_layer(patterns, geom: VideoGeometry, block_m: int, block_n: int, device="cpu",
+                  segment_q_tiles: bool = True) -> LayerPlan:
+    """Compile one layer's per-head patterns at `geom` into a cached LayerPlan on `device`.
+
+    segment_q_tiles (the default) lets q-tiles restart where the grid starts and ends
+    (tables.q_tile_bounds), so text rows never share a q-tile with grid rows; False keeps tiles at
+    multiples of block_m, the tiling FlexAttention's block masks need."""
     patterns = tuple(patterns)
     if not patterns:
         raise ValueError("compile_layer needs at least one head pattern")
@@ -805,6 +824,6 @@ def compile_layer(patterns, geom: VideoGeometry, block_m: int, block_n: int, dev
     for name, b in (("block_m", block_m), ("block_n", block_n)):
         if not isinstance(b, int) or b < 16 or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
-    return _compile(patterns, geom, block_m, block_n, _normal_device(device))
+    return _compile(patterns, geom, block_m, block_n, _normal_device(device), bool(segment_q_tiles))
 
 

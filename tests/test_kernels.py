@@ -4,6 +4,7 @@
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -13,8 +14,9 @@ from sparse_vdit.kernels import (KernelTables, rule_mask, sparse_attention, spar
                                  supports, tables_from_rules)
 from sparse_vdit.kernels import rule as R
 from sparse_vdit.kernels.rule import make_rule
-from sparse_vdit.kernels.triton_attention import (_box_pass, _divmod, _work_item, box_layouts,
-                                                  launch_sparse_attention)
+from sparse_vdit.kernels.tables import q_tile_bounds
+from sparse_vdit.kernels.triton_attention import (_box_pass, _divmod, _q_tile_rows, _work_item, box_layouts,
+                                                  launch_sparse_attention, work_order)
 
 
 def random_rule(rng: random.Random, F: int, H: int, W: int, kind: str):
@@ -170,11 +172,14 @@ def test_tables_validate_contents():
         KernelTables(rules, t.row_ptr, t.runs, 1, 2, 3, 4, 27, 16, 16).validate(check_contents=True)
 
 
-def test_tile_oracle_classifies_every_tile():
+@pytest.mark.parametrize("segment", [True, False])
+def test_tile_oracle_classifies_every_tile(segment):
     rng = random.Random(3)
     prefix, F, H, W, L, bm, bn = 2, 3, 4, 5, 2 + 60 + 3, 32, 16
     rules = [random_rule(rng, F, H, W, kind) for kind in ("diag", "md", "win", "stripe")]
-    t = tables_from_rules(rules, prefix, F, H, W, L, bm, bn)
+    t = tables_from_rules(rules, prefix, F, H, W, L, bm, bn, segment_q_tiles=segment)
+    bounds = t.q_bounds.tolist()
+    assert t.num_q_tiles == (4 if segment else 3)  # segment-aligned: 2 text rows, 60 grid rows in 2, 3 text rows
     for h, rule in enumerate(rules):
         phys = torch.arange(L)
         lg = R.physical_to_logical(phys, rule[R.ORDER], prefix, F, H, W)
@@ -183,7 +188,7 @@ def test_tile_oracle_classifies_every_tile():
         for qt in range(t.num_q_tiles):
             want = {}
             for kt in range(t.num_k_tiles):
-                blk = m[qt * bm:(qt + 1) * bm, kt * bn:(kt + 1) * bn]
+                blk = m[bounds[qt]:bounds[qt + 1], kt * bn:(kt + 1) * bn]
                 if blk.any():
                     want[kt] = int(blk.all())
             got = {}
@@ -204,14 +209,17 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("segment", [True, False], ids=["segment_q_tiles", "uniform_q_tiles"])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{c[0]}" for c in CASES])
-def test_kernel_and_reference_match_float64(case):
+def test_kernel_and_reference_match_float64(case, segment):
     seed, prefix, F, H, W, suffix, kinds, D, layout, bm, bn, kv_cut = case
+    if not segment and prefix == suffix == 0:
+        pytest.skip("without text both tilings are the same")
     rng = random.Random(seed)
     torch.manual_seed(seed)
     L = prefix + F * H * W + suffix
     rules = [random_rule(rng, F, H, W, kind) for kind in kinds]
-    tables = tables_from_rules(rules, prefix, F, H, W, L, bm, bn)
+    tables = tables_from_rules(rules, prefix, F, H, W, L, bm, bn, segment_q_tiles=segment)
     B, nh = 2, len(rules)
     shape = (B, nh, L, D) if layout == "bhld" else (B, L, nh, D)
     q, k, v = (torch.randn(shape) for _ in range(3))
@@ -222,7 +230,8 @@ def test_kernel_and_reference_match_float64(case):
     out = torch.full(shape, float("nan"))
     active, skip = tables.launch_heads()[:2]
     launch_sparse_attention(q, k, v, out, tables.head_rules, tables.row_ptr, tables.runs, active, skip,
-                            kv_len, tables.cube_map, [prefix, F, H, W], bm, bn, layout, scale)
+                            kv_len, tables.cube_map, [prefix, F, H, W], bm, bn, layout, scale,
+                            segment_q_tiles=segment)
     assert not out.isnan().any(), "kernel left output unwritten"
     ref = sparse_attention_reference(q, k, v, tables, layout, kv_len, scale)
     for got in (out, ref):
@@ -346,13 +355,18 @@ def test_kernel_index_division_is_exact(d):
 
 
 @triton.jit
-def _work_item_kernel(TILE, HEAD, n_active, L, prefix, N, BLOCK_M: tl.constexpr):
+def _work_item_kernel(TILE, HEAD, START, END, n_active, q_cut1, q_cut2, n_q, n_lead, trail_start, L,
+                      BLOCK_M: tl.constexpr):
     pid = tl.program_id(0)
-    q_tile, head = _work_item(pid, n_active, L, prefix, N, BLOCK_M)
+    q_tile, head = _work_item(pid, n_active, n_q, n_lead, trail_start)
+    start, end = _q_tile_rows(q_tile, q_cut1, q_cut2, L, BLOCK_M)
     tl.store(TILE + pid, q_tile)
     tl.store(HEAD + pid, head)
+    tl.store(START + pid, start)
+    tl.store(END + pid, end)
 
 
+@pytest.mark.parametrize("segment", [True, False])
 @pytest.mark.parametrize("L, prefix, N, heads", [
     (700, 226, 400, 3),   # text first (CogVideoX-like), a grid ending mid-tile, a suffix
     (612, 0, 356, 2),     # text last (HunyuanVideo-like)
@@ -361,15 +375,22 @@ def _work_item_kernel(TILE, HEAD, n_active, L, prefix, N, BLOCK_M: tl.constexpr)
     (90, 40, 20, 1),      # prefix and suffix tiles meet
     (60, 10, 20, 2),      # one tile holds everything
 ])
-def test_work_order_runs_text_tiles_first_and_covers_every_tile_once(L, prefix, N, heads):
+def test_work_order_runs_text_tiles_first_and_covers_every_tile_once(L, prefix, N, heads, segment):
     block_m = 64
-    n_q = -(-L // block_m)
-    tile = torch.full((n_q * heads,), -1, dtype=torch.int32)
-    head = torch.full_like(tile, -1)
-    _work_item_kernel[(n_q * heads,)](tile, head, heads, L, prefix, N, BLOCK_M=block_m)
+    order = work_order(prefix, N, L, block_m, segment)
+    bounds = q_tile_bounds(prefix, N, L, block_m, segment)
+    n_q = len(bounds) - 1
+    assert order[2] == n_q and bounds[0] == 0 and bounds[-1] == L and (np.diff(bounds) <= block_m).all()
+    if segment:  # no tile mixes rows of two segments
+        assert all(not (a < c < b) for a, b in zip(bounds[:-1], bounds[1:]) for c in (prefix, prefix + N))
+    else:
+        assert list(bounds[:-1]) == list(range(0, L, block_m))
+    tile, head, start, end = (torch.full((n_q * heads,), -1, dtype=torch.int32) for _ in range(4))
+    _work_item_kernel[(n_q * heads,)](tile, head, start, end, heads, *order, L, BLOCK_M=block_m)
     items = list(zip(tile.tolist(), head.tolist()))
     assert sorted(items) == [(t, h) for t in range(n_q) for h in range(heads)]
-    has_text = [t * block_m < prefix or min((t + 1) * block_m, L) > prefix + N for t in range(n_q)]
+    assert [(s, e) for s, e in zip(start.tolist(), end.tolist())] == [(bounds[t], bounds[t + 1]) for t, _ in items]
+    has_text = [bounds[t] < prefix or bounds[t + 1] > prefix + N for t in range(n_q)]
     text_first = [has_text[t] for t, _ in items]
     assert text_first == sorted(text_first, reverse=True)
     grid_items = [(h, t) for t, h in items if not has_text[t]]

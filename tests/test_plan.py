@@ -1,11 +1,13 @@
 """Plan compiler: tile classification vs brute force, dedup pool, order choice, exact outputs."""
 
+import itertools
 import random
 
 import numpy as np
 import pytest
 import torch
 
+from sparse_vdit.kernels.tables import q_tile_bounds
 from sparse_vdit.kernels.rule import (CUBE, FRAME_MAJOR, ORDER, ROW_BASE, SKIP_HEAD, SPACE_MAJOR, cube_order_map,
                                      make_rule, physical_to_logical)
 from sparse_vdit.strategies.geometry import VideoGeometry
@@ -35,13 +37,15 @@ def physical_mask(pattern, order, g):
     return pattern.token_mask(g)[logical][:, logical].numpy()
 
 
-def brute_tiles(mask, bm, bn):
+def brute_tiles(mask, g, bm, bn, segment=True):
+    """(visited, full) per (q-tile, k-tile) from a physical mask; q-tiles as tables.q_tile_bounds."""
     L = mask.shape[0]
-    nq, nk = -(-L // bm), -(-L // bn)
+    bounds = q_tile_bounds(g.prefix, g.grid_tokens, L, bm, segment)
+    nq, nk = len(bounds) - 1, -(-L // bn)
     any_t, all_t = np.zeros((nq, nk), bool), np.zeros((nq, nk), bool)
     for i in range(nq):
         for j in range(nk):
-            block = mask[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
+            block = mask[bounds[i]:bounds[i + 1], j * bn:(j + 1) * bn]
             any_t[i, j], all_t[i, j] = block.any(), block.all()
     return any_t, all_t
 
@@ -72,9 +76,9 @@ def test_tiles_match_brute_force_for_every_pattern_and_order(geom):
         for order in orders_of(rule):
             rule[ORDER] = order
             mask = physical_mask(p, order, geom)
-            for bm, bn in TILES:
-                row_ptr, runs = tile_runs(rule, order, geom, bm, bn)
-                any_true, all_true = brute_tiles(mask, bm, bn)
+            for (bm, bn), segment in itertools.product(TILES, (True, False)):
+                row_ptr, runs = tile_runs(rule, order, geom, bm, bn, segment)
+                any_true, all_true = brute_tiles(mask, geom, bm, bn, segment)
                 visited, full = decode(row_ptr, runs, 0, *any_true.shape)
                 if order == CUBE:  # tiles straddling cubes are not boxes: visited is a superset
                     assert not (any_true & ~visited).any(), (p, order, bm, bn)
@@ -92,7 +96,7 @@ def test_full_tiles_are_found_where_bands_cover_them():
         rule = p.head_rule(g)
         rule[ORDER] = order
         row_ptr, runs = tile_runs(rule, order, g, 16, 16)
-        _, all_true = brute_tiles(physical_mask(p, order, g), 16, 16)
+        _, all_true = brute_tiles(physical_mask(p, order, g), g, 16, 16)
         _, full = decode(row_ptr, runs, 0, *all_true.shape)
         assert full.sum() == all_true.sum(), p  # exact on tile-aligned sizes
 
@@ -108,7 +112,7 @@ def test_cube_order_tiles_are_exact_when_tiles_are_boxes(geom, tiles):
         mask = physical_mask(p, CUBE, geom)
         for bm, bn in tiles:
             row_ptr, runs = tile_runs(rule, CUBE, geom, bm, bn)
-            any_true, all_true = brute_tiles(mask, bm, bn)
+            any_true, all_true = brute_tiles(mask, geom, bm, bn)
             visited, full = decode(row_ptr, runs, 0, *any_true.shape)
             assert np.array_equal(visited, any_true), (p, bm, bn)
             assert np.array_equal(full, all_true), (p, bm, bn)
@@ -161,12 +165,12 @@ def test_compiled_layer_tables_order_choice_and_dedup():
         if isinstance(p, Skip):
             assert r[ORDER] == SKIP_HEAD
             continue
-        any_true, all_true = brute_tiles(physical_mask(p, r[ORDER], g), 16, 32)
+        any_true, all_true = brute_tiles(physical_mask(p, r[ORDER], g), g, 16, 32)
         visited, full = decode(row_ptr, runs, r[ROW_BASE], nq, nk)
         assert np.array_equal(visited, any_true) and not (full & ~all_true).any()
         visited_total += visited.sum()
         if isinstance(p, MultiDiagonal):  # the order that visits fewer tiles
-            other = brute_tiles(physical_mask(p, 1 - r[ORDER], g), 16, 32)[0].sum()
+            other = brute_tiles(physical_mask(p, 1 - r[ORDER], g), g, 16, 32)[0].sum()
             assert visited.sum() <= other
     assert rules[0][ORDER] == SPACE_MAJOR  # an all-frame spatial band fills tiles in space-major order
     assert rules[4][ORDER] == FRAME_MAJOR  # stripes would scatter in space-major order
