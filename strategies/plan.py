@@ -1,6 +1,7 @@
 """The plan compiler: one layer's per-head patterns at one geometry -> KernelTables (DESIGN.md 4, 6).
 
-Tiles are classified without an L x L mask. A q-tile (block_m consecutive physical rows) is cut
+Tiles are classified without an L x L mask. A q-tile (up to block_m consecutive physical rows,
+restarting where the grid starts and ends unless segment_q_tiles=False: tables.q_tile_bounds) is cut
 into segments: in frame-major order at frames (and rows when a window is on), in space-major
 order at spatial positions (unless the band covers every frame). For each segment every component
 of the head rule gives the key intervals, in physical order, that some query attends ("any") and
