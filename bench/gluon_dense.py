@@ -1,23 +1,30 @@
 """A Gluon prototype of our full-tile loop with FA3's overlap, before it goes into the engine.
 
-    python3 -m sparse_vdit.bench.gluon_dense [--out FILE]
+    python3 -m sparse_vdit.bench.gluon_dense [--head-dim 128] [--out FILE]
 
 Triton 3.6 waits for each tile's QK wgmma right after issuing it, so the tensor cores idle during
-the softmax (bench/results/attention.md, after run J). In Gluon the waits are ours: here the QK of
-tile j+1 is issued (async wgmma) before the softmax of tile j and the PV of tile j after it, with one
-wait per tile; K/V tiles arrive by TMA into a ring of STAGES shared buffers, one mbarrier each. It is
-dense attention ([B, H, L, D] bf16, full tiles unmasked, the last tile masked at L), i.e. the loop
-our sparse kernel runs on full tiles.
+the softmax (bench/results/attention.md, after run J). In Gluon the waits are ours. It is dense
+attention ([B, H, L, D] bf16, full tiles unmasked, the last tile masked at L), i.e. the loop our
+sparse kernel runs on full tiles, in BLOCK_N-key tiles (128 or 64) whose K/V arrive by TMA into a
+ring of STAGES shared slots. Per tile j, SCHEDULE 0 issues QK(j+1) (async wgmma), runs softmax(j),
+issues PV(j) and waits for both (one mbarrier a slot). SCHEDULE 1 leaves PV(j) running into
+softmax(j+1): QK(j+1) is issued, softmax(j) runs while QK(j+1) and PV(j-1) are on the tensor cores,
+one wait(0) retires both, acc is rescaled and PV(j) issued unwaited (K and V slots have their own
+mbarriers: a K slot frees when its QK is done, a V slot when its PV is). A wait(1) that leaves
+QK(j+1) running while acc is rescaled makes ptxas serialize every wgmma of the kernel (C7514:
+accumulator registers read between a wgmma and its wait), so the one wait is wait(0).
 
-On a GPU (sm_90) it checks itself against cuDNN SDPA at an odd length and at Wan2.1-14B 720p's and
-CogVideoX1.5 768p's shapes, and times both; on the CPU (no GPU) it compiles for sm_90 at --head-dim
-and prints the k-tile loop's instruction order.
+On a GPU (sm_90) it checks every (block_n, stages, schedule) whose shared memory fits against
+cuDNN SDPA at an odd length and at Wan2.1-14B 720p's and CogVideoX1.5 768p's shapes, and times
+them, a row at a time; on the CPU (no GPU) it compiles each for sm_90 at --head-dim and prints
+registers, spills, shared memory and the k-tile loop's instruction order.
 Gluon does not run under TRITON_INTERPRET.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 
 import torch
@@ -28,15 +35,13 @@ from triton.experimental.gluon.language.nvidia import hopper
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from .kernel_sass import disassemble, instruction_name, kernel_loops, loop_table
-from .report import emit
 
 LOG2E = 1.4426950408889634
 
 
 @gluon.jit
-def _softmax_pv(s, m_i, l_i, acc, v_tile, qk_scale, col0, L, MASKED: gl.constexpr,
-                o_layout: gl.constexpr, p_layout: gl.constexpr):
-    """One tile's online-softmax update; its PV wgmma is issued async and returned unwaited."""
+def _softmax(s, m_i, l_i, qk_scale, col0, L, MASKED: gl.constexpr, p_layout: gl.constexpr):
+    """One tile's online-softmax statistics: (P as PV's bf16 register operand, alpha, new max, new sum)."""
     if MASKED:
         cols = col0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
         s = gl.where((cols < L)[None, :], s, float("-inf"))
@@ -44,23 +49,57 @@ def _softmax_pv(s, m_i, l_i, acc, v_tile, qk_scale, col0, L, MASKED: gl.constexp
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + gl.sum(p, axis=1)
+    return gl.convert_layout(p.to(gl.bfloat16), p_layout), alpha, m_new, l_i
+
+
+@gluon.jit
+def _pv(p, alpha, acc, v_s, tile, STAGES: gl.constexpr, o_layout: gl.constexpr):
+    """acc * alpha, then tile `tile`'s PV wgmma (its V landed), issued async and returned unwaited."""
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    acc = hopper.warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_tile, acc, is_async=True)
-    return m_new, l_i, acc
+    return hopper.warpgroup_mma(p, v_s.index(tile % STAGES), acc, is_async=True)
 
 
 @gluon.jit
-def _issue_kv(desc_k, desc_v, k_s, v_s, bars, tile, row0, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """TMA loads of K/V tile `tile` into its ring slot, signalling that slot's mbarrier."""
-    stage = tile % STAGES
-    mbarrier.expect(bars.index(stage), 2 * desc_k.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc_k, [row0 + tile * BLOCK_N, 0], bars.index(stage), k_s.index(stage))
-    tma.async_copy_global_to_shared(desc_v, [row0 + tile * BLOCK_N, 0], bars.index(stage), v_s.index(stage))
+def _wait_tile(bars, tile, STAGES: gl.constexpr):
+    """Wait for the TMA load of tile `tile` into its ring slot."""
+    mbarrier.wait(bars.index(tile % STAGES), (tile // STAGES) & 1)
 
 
 @gluon.jit
-def gluon_attention_fwd(desc_q, desc_k, desc_v, O, L, qk_scale,
-                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
+def _qk(q_s, k_s, k_bars, tile, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        s_layout: gl.constexpr, IS_ASYNC: gl.constexpr):
+    """Tile `tile`'s QK wgmma once its K has landed (a token to wait on when IS_ASYNC)."""
+    _wait_tile(k_bars, tile, STAGES)
+    zeros = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    return hopper.warpgroup_mma(q_s, k_s.index(tile % STAGES).permute((1, 0)), zeros, is_async=IS_ASYNC)
+
+
+@gluon.jit
+def _load(desc, ring, bars, tile, n_tiles, row0, STAGES: gl.constexpr):
+    """TMA load of K or V tile `tile` (when there is one) into its ring slot, signalling that slot's mbarrier."""
+    if tile < n_tiles:
+        stage = tile % STAGES
+        mbarrier.expect(bars.index(stage), desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc, [row0 + tile * desc.block_type.shape[0], 0], bars.index(stage),
+                                        ring.index(stage))
+
+
+@gluon.jit
+def _load_kv(desc_k, desc_v, k_s, v_s, bars, tile, n_tiles, row0, STAGES: gl.constexpr):
+    """TMA loads of K and V tile `tile` (when there is one) into their ring slots, signalling one mbarrier."""
+    if tile < n_tiles:
+        stage = tile % STAGES
+        mbarrier.expect(bars.index(stage), 2 * desc_k.block_type.nbytes)
+        row = row0 + tile * desc_k.block_type.shape[0]
+        tma.async_copy_global_to_shared(desc_k, [row, 0], bars.index(stage), k_s.index(stage))
+        tma.async_copy_global_to_shared(desc_v, [row, 0], bars.index(stage), v_s.index(stage))
+
+
+@gluon.jit(do_not_specialize=["L"])
+def gluon_attention_fwd(desc_q, desc_k, desc_v, O, L, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                        D: gl.constexpr, STAGES: gl.constexpr, SCHEDULE: gl.constexpr):
+    """Per tile j, SCHEDULE 0: QK(j+1), softmax(j), PV(j), wait(0). SCHEDULE 1: QK(j+1), softmax(j), wait(0)
+    (QK(j+1) and PV(j-1) done), PV(j) left running into softmax(j+1)."""
     nw: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -74,40 +113,63 @@ def gluon_attention_fwd(desc_q, desc_k, desc_v, O, L, qk_scale,
     q_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, D], desc_q.layout)
     k_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], desc_k.layout)
     v_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], desc_v.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES + 1):
-        mbarrier.init(bars.index(i), count=1)
+    # SCHEDULE 0: one mbarrier a slot (k_bars) for K and V; SCHEDULE 1: K and V slots have their own, a K
+    # slot freeing when its QK is done, a V slot when its PV is
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+    mbarrier.init(q_bar, count=1)
     hopper.fence_async_shared()  # the initialised barriers, before TMA (the async proxy) signals them
-    q_bar = bars.index(STAGES)
     mbarrier.expect(q_bar, desc_q.block_type.nbytes)
     tma.async_copy_global_to_shared(desc_q, [row0 + m0, 0], q_bar, q_s)
     n_tiles = gl.cdiv(L, BLOCK_N)
     for t in gl.static_range(STAGES):
-        if t < n_tiles:
-            _issue_kv(desc_k, desc_v, k_s, v_s, bars, t, row0, BLOCK_N, STAGES)
+        if SCHEDULE == 0:
+            _load_kv(desc_k, desc_v, k_s, v_s, k_bars, t, n_tiles, row0, STAGES)
+        else:
+            _load(desc_k, k_s, k_bars, t, n_tiles, row0, STAGES)
+            _load(desc_v, v_s, v_bars, t, n_tiles, row0, STAGES)
     mbarrier.wait(q_bar, 0)
-    mbarrier.wait(bars.index(0), 0)
-    s = hopper.warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
+    s = _qk(q_s, k_s, k_bars, 0, BLOCK_M, BLOCK_N, STAGES, s_layout, False)
+    if SCHEDULE == 1:  # K slot 0 is free: its QK is done
+        _load(desc_k, k_s, k_bars, STAGES, n_tiles, row0, STAGES)
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
     l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
     acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    p_prev = gl.zeros([BLOCK_M, BLOCK_N], gl.bfloat16, p_layout)  # PV(j-1)'s register operand (SCHEDULE 1)
+    if SCHEDULE == 1:  # acc is carried between iterations as the token of an unwaited PV
+        acc = hopper.warpgroup_mma_init(acc)
     for j in range(n_tiles - 1):  # full tiles: tile j+1's QK runs during tile j's softmax
-        nxt = (j + 1) % STAGES
-        mbarrier.wait(bars.index(nxt), ((j + 1) // STAGES) & 1)
-        s_next = hopper.warpgroup_mma(q_s, k_s.index(nxt).permute((1, 0)),
-                                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), is_async=True)
-        m_i, l_i, acc = _softmax_pv(s, m_i, l_i, acc, v_s.index(j % STAGES), qk_scale, j * BLOCK_N, L, False,
-                                    o_layout, p_layout)
-        s, acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[s_next, acc])
-        if j + STAGES < n_tiles:  # tile j's slot is free again
-            _issue_kv(desc_k, desc_v, k_s, v_s, bars, j + STAGES, row0, BLOCK_N, STAGES)
+        s_next = _qk(q_s, k_s, k_bars, j + 1, BLOCK_M, BLOCK_N, STAGES, s_layout, True)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, j * BLOCK_N, L, False, p_layout)
+        if SCHEDULE == 0:
+            acc = _pv(p, alpha, acc, v_s, j, STAGES, o_layout)
+            s, acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[s_next, acc])
+            _load_kv(desc_k, desc_v, k_s, v_s, k_bars, j + STAGES, n_tiles, row0, STAGES)  # tile j's slots are free
+        else:
+            _wait_tile(v_bars, j, STAGES)  # (a spin loop: ptxas keeps the wgmma wait below, after the softmax)
+            # PV(j-1) and QK(j+1) done (a wait(1) here, then reading acc, makes ptxas serialize every wgmma)
+            s, acc, p_prev = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[s_next, acc, p_prev])
+            acc = _pv(p, alpha, acc, v_s, j, STAGES, o_layout)  # in flight into softmax(j+1)
+            p_prev = p  # PV(j)'s register operand: live until the next iteration's wait
+            if j > 0:  # tile j-1's V slot is free
+                _load(desc_v, v_s, v_bars, j - 1 + STAGES, n_tiles, row0, STAGES)
+            _load(desc_k, k_s, k_bars, j + 1 + STAGES, n_tiles, row0, STAGES)  # tile j+1's K slot is free
     last = n_tiles - 1  # keys past L (the next head's rows, or TMA's zero fill) are masked
-    m_i, l_i, acc = _softmax_pv(s, m_i, l_i, acc, v_s.index(last % STAGES), qk_scale, last * BLOCK_N, L, True,
-                                o_layout, p_layout)
-    acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-    for i in gl.static_range(STAGES + 1):
-        mbarrier.invalidate(bars.index(i))
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, last * BLOCK_N, L, True, p_layout)
+    if SCHEDULE == 1:
+        acc, p_prev = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_prev])
+        _wait_tile(v_bars, last, STAGES)
+    acc = _pv(p, alpha, acc, v_s, last, STAGES, o_layout)
+    acc, p = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc, p])
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+    mbarrier.invalidate(q_bar)
     out = (acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]).to(gl.bfloat16)
     r = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     c = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
@@ -121,18 +183,36 @@ def _descriptor(rows2d: torch.Tensor, block_rows: int, d: int):
     return TensorDescriptor.from_tensor(rows2d, [block_rows, d], layout)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m=128, block_n=128, stages=2, warps=8):
+def smem_bytes(block_m=128, block_n=128, d=128, stages=2) -> int:
+    """Shared memory the kernel allocates: the bf16 Q tile and K/V rings, two mbarrier arrays of STAGES
+    (16-byte aligned) and Q's mbarrier."""
+    return 2 * d * (block_m + 2 * stages * block_n) + 2 * 16 * math.ceil(8 * stages / 16) + 8
+
+
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
+CANDIDATES = [(128, 2), (128, 3), (128, 4), (64, 3), (64, 4), (64, 6)]  # (block_n, stages), where they fit
+
+
+def variants(d: int, block_m=128) -> list[tuple[int, int, int]]:
+    """The (block_n, stages, schedule) combinations the bench compiles and times at head dim d."""
+    return [(block_n, stages, schedule) for block_n, stages in CANDIDATES for schedule in (0, 1)
+            if smem_bytes(block_m, block_n, d, stages) <= SMEM_LIMIT]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m=128, block_n=128, stages=2, schedule=0,
+              warps=8):
     """Dense attention of contiguous [B, H, L, D] bf16 tensors on an sm_90 GPU."""
     B, H, L, D = q.shape
     out = torch.empty_like(q)
     rows = [x.reshape(B * H * L, D) for x in (q, k, v)]
     gluon_attention_fwd[(triton.cdiv(L, block_m), B * H)](
         _descriptor(rows[0], block_m, D), _descriptor(rows[1], block_n, D), _descriptor(rows[2], block_n, D),
-        out, L, LOG2E / math.sqrt(D), BLOCK_M=block_m, BLOCK_N=block_n, D=D, STAGES=stages, num_warps=warps)
+        out, L, LOG2E / math.sqrt(D), BLOCK_M=block_m, BLOCK_N=block_n, D=D, STAGES=stages, SCHEDULE=schedule,
+        num_warps=warps)
     return out
 
 
-def compile_sm90(block_m=128, block_n=128, d=128, stages=2, warps=8):
+def compile_sm90(block_m=128, block_n=128, d=128, stages=2, schedule=0, warps=8):
     """The sm_90 CompiledKernel, built on the CPU (no GPU needed)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -141,9 +221,10 @@ def compile_sm90(block_m=128, block_n=128, d=128, stages=2, warps=8):
     rows = torch.empty(1024, d, dtype=torch.bfloat16)
     signature = {"desc_q": mangle_type(_descriptor(rows, block_m, d)), "desc_k": mangle_type(_descriptor(rows, block_n, d)),
                  "desc_v": mangle_type(_descriptor(rows, block_n, d)), "O": "*bf16", "L": "i32", "qk_scale": "fp32",
-                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "D": "constexpr", "STAGES": "constexpr"}
+                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "D": "constexpr", "STAGES": "constexpr",
+                 "SCHEDULE": "constexpr"}
     source = GluonASTSource(fn=gluon_attention_fwd, signature=signature,
-                            constexprs={(6,): block_m, (7,): block_n, (8,): d, (9,): stages},
+                            constexprs={(6,): block_m, (7,): block_n, (8,): d, (9,): stages, (10,): schedule},
                             attrs={(3,): [["tt.divisibility", 16]]})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
@@ -166,25 +247,41 @@ def loop_order(body: list[str]) -> list[tuple[str, int]]:
     return runs
 
 
-def _gpu_rows() -> list[str]:
+def _gpu_rows():
+    """Table rows, one at a time: every variant against cuDNN SDPA (timed once a shape)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def cudnn(q, k, v):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
-    rows = ["| B x H x L x D | K/V stages | max error / max | Gluon ms | cuDNN SDPA ms | cuDNN / Gluon |",
-            "|---|---|---|---|---|---|"]
+    yield ("| B x H x L x D | block_n | K/V stages | schedule | max error / max | Gluon ms | cuDNN SDPA ms | "
+           "cuDNN / Gluon |")
+    yield "|---|---|---|---|---|---|---|---|"
     for shape in ((1, 2, 1000, 128), (1, 40, 75600, 128), (1, 48, 45106, 64)):
         q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         ref = cudnn(q, k, v).float()
         theirs = triton.testing.do_bench(lambda: cudnn(q, k, v))
-        for stages in (2, 3):  # 3 slots of 128 x 128 at d = 128 use 224 KB of the 227 KB
-            err = ((attention(q, k, v, stages=stages).float() - ref).abs().max() / ref.abs().max()).item()
-            ours = triton.testing.do_bench(lambda s=stages: attention(q, k, v, stages=s))
-            rows.append(f"| {' x '.join(map(str, shape))} | {stages} | {err:.1e} | {ours:.2f} | {theirs:.2f} | "
-                        f"{theirs / ours:.3f} |")
-    return rows
+        for block_n, stages, schedule in variants(shape[3]):
+            run = lambda: attention(q, k, v, block_n=block_n, stages=stages, schedule=schedule)  # noqa: E731
+            err = ((run().float() - ref).abs().max() / ref.abs().max()).item()
+            ours = triton.testing.do_bench(run)
+            yield (f"| {' x '.join(map(str, shape))} | {block_n} | {stages} | {schedule} | {err:.1e} | {ours:.2f} | "
+                   f"{theirs:.2f} | {theirs / ours:.3f} |")
+
+
+def _cpu_lines(d: int):
+    """One line a variant at head dim d, compiled for sm_90 on the CPU."""
+    yield f"sm_90, head_dim {d}, block_m 128, 8 warps (compiled on the CPU; smem limit {SMEM_LIMIT} B)"
+    for block_n, stages, schedule in variants(d):
+        kernel = compile_sm90(block_n=block_n, d=d, stages=stages, schedule=schedule)
+        sass, registers, stack = disassemble(kernel)
+        loops = kernel_loops(sass)
+        orders = " | ".join(" ".join(f"{op} x{count}" for op, count in loop_order(body)) for body in loops)
+        yield (f"block_n {block_n}, stages {stages}, schedule {schedule}: {registers} registers, {stack} B stack, "
+               f"spills {sum(loop_table(body)['spills'] for body in loops)}, {kernel.metadata.shared} B shared "
+               f"(expected {smem_bytes(128, block_n, d, stages)}), {len(loops)} loop(s) of "
+               f"{'/'.join(str(len(body)) for body in loops)} instructions: {orders}")
 
 
 def main(argv=None) -> None:
@@ -192,18 +289,18 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128), help="CPU compile only")
     parser.add_argument("--out", help="also write the result to this file")
     args = parser.parse_args(argv)
-    if torch.cuda.is_available():
-        emit("\n".join([f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", "",
-                        *_gpu_rows()]), args.out)
-        return
-    kernel = compile_sm90(d=args.head_dim)
-    sass, registers, stack = disassemble(kernel)
-    lines = [f"sm_90, head_dim {args.head_dim} (compiled on the CPU): {registers} registers, {stack} B stack, "
-             f"{kernel.metadata.shared} B shared"]
-    for n, body in enumerate(kernel_loops(sass), 1):
-        order = " ".join(f"{op} x{count}" for op, count in loop_order(body))
-        lines.append(f"loop {n}: {len(body)} instructions, spills {loop_table(body)['spills']}: {order}")
-    emit("\n".join(lines), args.out)
+    gpu = torch.cuda.is_available()
+    head = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", ""] if gpu else []
+    out = open(args.out, "w") if args.out else None
+    try:  # line by line, so that a run cut short keeps its rows
+        for line in itertools.chain(head, _gpu_rows() if gpu else _cpu_lines(args.head_dim)):
+            print(line, flush=True)
+            if out:
+                out.write(line + "\n")
+                out.flush()
+    finally:
+        if out:
+            out.close()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""bench/gluon_dense.py's Gluon prototype on an sm_90 GPU: dense attention against float32 SDPA."""
+"""bench/gluon_dense.py's Gluon prototype on an sm_90 GPU: dense attention against float32 SDPA, in every
+block_n and schedule, at lengths that leave the last tile part full."""
+
+import functools
 
 import pytest
 import torch
@@ -8,15 +11,21 @@ pytestmark = [pytest.mark.gpu,
                                  reason="needs an sm_90 GPU")]
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 1000, 128), (1, 2, 128, 128), (1, 1, 77, 128), (1, 2, 3600, 128),
-                                   (1, 3, 4306, 64)])
-@pytest.mark.parametrize("stages", [2, 3])
-def test_prototype_matches_sdpa(shape, stages):
-    from sparse_vdit.bench.gluon_dense import attention
-
+@functools.cache
+def _case(shape):
     torch.manual_seed(sum(shape))
     q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out = attention(q, k, v, stages=stages)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    return q, k, v, torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1000, 128), (1, 2, 128, 128), (1, 1, 77, 128), (1, 2, 3600, 128),
+                                   (1, 3, 4306, 64)])
+@pytest.mark.parametrize("block_n, stages", [(128, 2), (128, 3), (64, 2), (64, 3), (64, 4)])
+@pytest.mark.parametrize("schedule", [0, 1])
+def test_prototype_matches_sdpa(shape, block_n, stages, schedule):
+    from sparse_vdit.bench.gluon_dense import attention
+
+    q, k, v, ref = _case(shape)
+    out = attention(q, k, v, block_n=block_n, stages=stages, schedule=schedule)
     assert torch.isfinite(out).all()
     assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
