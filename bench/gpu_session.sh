@@ -16,8 +16,9 @@ for step in ${steps[*]}; do
     engine)    # GPU kernel tests, then every family at the two shapes with all dense baselines (~500 s)
                # (one config per key: the tests check results, and tuning every key ran past 180 s)
                SPARSE_VDIT_TRITON_CONFIGS=8x3 timeout "${GPU_TEST_SECONDS:-200}" python3 -m pytest -q tests/gpu
-               timeout "${ENGINE_SECONDS:-300}" python3 -m sparse_vdit.bench.attention --shapes cogvideox,wan14b \
-                 --densities 0.1,0.3,0.5 --baselines "${ENGINE_BASELINES:-cudnn,flash,sage}" --flex-shapes wan14b \
+               timeout "${ENGINE_SECONDS:-300}" python3 -m sparse_vdit.bench.attention --shapes "${ENGINE_SHAPES:-cogvideox,wan14b}" \
+                 --densities "${ENGINE_DENSITIES:-0.1,0.3,0.5}" ${ENGINE_FAMILIES:+--families $ENGINE_FAMILIES} \
+                 --baselines "${ENGINE_BASELINES:-cudnn,flash,sage}" --flex-shapes "${ENGINE_FLEX-wan14b}" \
                  --cube-walks --out "$OUT/engine" ;;
     tma)       # autotuned load path (TMA or gathered, the default) vs gathered loads only (SPARSE_VDIT_TMA=0)
                for tma in 1 0; do
