@@ -240,6 +240,53 @@ def _stripe_keys(rule, gk):
 
 
 @triton.jit
+def _first_cut_tile(order, kv_end, prefix, N, P, BLOCK_N: tl.constexpr):
+    """The first k-tile that may hold a key past kv_end (or the sequence end): from it on even a
+    full tile is masked. A space-major head cut inside the grid has its cut keys spread over all
+    tiles, a cube-order head over the rest of the cut frame."""
+    first = kv_end // BLOCK_N
+    if (order == 1) & (kv_end < prefix + N):
+        first = 0
+    if (order == 2) & (kv_end > prefix) & (kv_end < prefix + N):
+        first = (prefix + (kv_end - prefix) // P * P) // BLOCK_N
+    return first
+
+
+@triton.jit
+def _query_box(rule, lq, prefix, F, W, P, N, inv_P, inv_W, win_y_shift, win_f_shift, win_guard, md_f_shift,
+               md_guard):
+    """`_masked_scores`' `box` for the query rows `lq` (logical indices) of the head whose rule row
+    starts at `rule`: the head's boxes (radii clipped to the grid, so every packed field stays below
+    its guard bit) and the rows' query codes; a head with no component attends itself (a diagonal
+    of radius 0)."""
+    gq = lq - prefix
+    q_grid = (gq >= 0) & (gq < N)
+    gq = tl.where(q_grid, gq, 0)
+    fq, sq = _divmod(gq, P, inv_P)
+    yq, xq = _divmod(sq, W, inv_W)
+    diag = tl.load(rule + 2)
+    md_s, md_t = tl.load(rule + 3), tl.load(rule + 4)
+    win_f, win_y, win_x = tl.load(rule + 5), tl.load(rule + 6), tl.load(rule + 7)
+    md_on = (md_s >= 0) & (md_t >= 0)
+    win_on = (win_f >= 0) & (win_y >= 0) & (win_x >= 0)
+    diag_on = (diag >= 0) | ((md_on == 0) & (win_on == 0))
+    r_g = tl.minimum(tl.maximum(diag, 0), N - 1)
+    r_md = (tl.minimum(md_t, F - 1) << md_f_shift) | tl.minimum(md_s, P - 1)
+    r_win = ((tl.minimum(win_f, F - 1) << win_f_shift) | (tl.minimum(win_y, P // W - 1) << win_y_shift)
+             | tl.minimum(win_x, W - 1))
+    # the diagonal: g_q + r - g_k in [0, 2r] (unsigned); non-grid rows pass every live key
+    # (2**30 - g_k <= 2**31 - 1), dead keys (g_k = -2**30) fail every row
+    q_g_reach = tl.where(q_grid, gq + r_g, 1 << 30)
+    q_g_span = tl.where(q_grid, 2 * r_g, (1 << 31) - 1).to(tl.uint32, bitcast=True)
+    q_md, q_md_reach = _query_codes((fq << md_f_shift) | sq, r_md, md_guard, q_grid)
+    q_win, q_win_reach = _query_codes((fq << win_f_shift) | (yq << win_y_shift) | xq, r_win, win_guard, q_grid)
+    has_stripes = (tl.load(rule + 8) > 0) | (tl.load(rule + 9) > 0)
+    lay = (win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard)
+    return (rule, has_stripes, lay, diag_on, q_g_reach, q_g_span, md_on, q_md, q_md_reach, r_md,
+            win_on, q_win, q_win_reach, r_win)
+
+
+@triton.jit
 def _masked_scores(s, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end):
     """One tile's scores with the exact rule of kernels/rule.py applied (-inf where a pair is not
     attended): always-attended keys (non-grid, stripes) first, then the OR of the head's enabled
@@ -503,14 +550,7 @@ def _sparse_attention_fwd(
         kv_end = tl.minimum(tl.load(KV_LEN + b), L)
     else:
         kv_end = L
-    # k-tiles from here on cross kv_len or the sequence end; a space-major head cut inside the grid
-    # has its cut keys spread over all tiles, a cube-order head over the rest of the cut frame
-    first_cut_tile = kv_end // BLOCK_N
-    if (order == 1) & (kv_end < prefix + N):
-        first_cut_tile = 0
-    if (order == 2) & (kv_end > prefix) & (kv_end < prefix + N):
-        first_cut_tile = (prefix + (kv_end - prefix) // P * P) // BLOCK_N
-
+    first_cut_tile = _first_cut_tile(order, kv_end, prefix, N, P, BLOCK_N)
     m_start, m_end = _q_tile_rows(pid_m, q_cut1, q_cut2, L, BLOCK_M)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -518,33 +558,8 @@ def _sparse_attention_fwd(
     lq = _to_logical(tl.where(q_valid, offs_m, m_start), order, prefix, F, P, N, inv_F, CUBE_MAP)
     q_ptrs = Q + b * stride_qb + h * stride_qh + lq.to(tl.int64)[:, None] * stride_ql + offs_d[None, :]
     q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
-    gq = lq - prefix
-    q_grid = (gq >= 0) & (gq < N)
-    gq = tl.where(q_grid, gq, 0)
-    fq, sq = _divmod(gq, P, inv_P)
-    yq, xq = _divmod(sq, W, inv_W)
-    # the head's boxes (radii clipped to the grid, so every packed field stays below its guard bit)
-    # and this q-tile's query codes; a head with no component attends itself (a diagonal of radius 0)
-    diag = tl.load(rule + 2)
-    md_s, md_t = tl.load(rule + 3), tl.load(rule + 4)
-    win_f, win_y, win_x = tl.load(rule + 5), tl.load(rule + 6), tl.load(rule + 7)
-    md_on = (md_s >= 0) & (md_t >= 0)
-    win_on = (win_f >= 0) & (win_y >= 0) & (win_x >= 0)
-    diag_on = (diag >= 0) | ((md_on == 0) & (win_on == 0))
-    r_g = tl.minimum(tl.maximum(diag, 0), N - 1)
-    r_md = (tl.minimum(md_t, F - 1) << md_f_shift) | tl.minimum(md_s, P - 1)
-    r_win = ((tl.minimum(win_f, F - 1) << win_f_shift) | (tl.minimum(win_y, P // W - 1) << win_y_shift)
-             | tl.minimum(win_x, W - 1))
-    # the diagonal: g_q + r - g_k in [0, 2r] (unsigned); non-grid rows pass every live key
-    # (2**30 - g_k <= 2**31 - 1), dead keys (g_k = -2**30) fail every row
-    q_g_reach = tl.where(q_grid, gq + r_g, 1 << 30)
-    q_g_span = tl.where(q_grid, 2 * r_g, (1 << 31) - 1).to(tl.uint32, bitcast=True)
-    q_md, q_md_reach = _query_codes((fq << md_f_shift) | sq, r_md, md_guard, q_grid)
-    q_win, q_win_reach = _query_codes((fq << win_f_shift) | (yq << win_y_shift) | xq, r_win, win_guard, q_grid)
-    has_stripes = (tl.load(rule + 8) > 0) | (tl.load(rule + 9) > 0)
-    lay = (win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard)
-    box = (rule, has_stripes, lay, diag_on, q_g_reach, q_g_span, md_on, q_md, q_md_reach, r_md,
-           win_on, q_win, q_win_reach, r_win)
+    box = _query_box(rule, lq, prefix, F, W, P, N, inv_P, inv_W, win_y_shift, win_f_shift, win_guard, md_f_shift,
+                     md_guard)
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
