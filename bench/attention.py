@@ -7,7 +7,7 @@ evaluates the same rule). Each sparse output is checked against float32 on sampl
 
     python3 -m sparse_vdit.bench.attention [--shapes wan13b,wan14b,hunyuan,cogvideox]
         [--densities 0.05,0.15,0.3,0.5] [--families local_window,...] [--tiles 128x64]
-        [--flex-shapes ...] [--cube-walks] [--paired-tiles] [--out DIR] [--quick]
+        [--flex-shapes ...] [--cube-walks] [--paired-tiles] [--gluon] [--out DIR] [--quick]
 
 --quick: Wan2.1-1.3B and CogVideoX1.5, local windows only, densities 0.1 and 0.3, cuDNN baseline, no
 Flex (a few minutes of GPU time). Each sparse row's note names the head orders the plan chose (fm,
@@ -15,7 +15,8 @@ sm, cube) and the full / partial tile counts. --cube-walks also times every laye
 heads under each walk the autotuner chooses between (SPARSE_VDIT_MERGED_CUBE=0 and =only), as
 extra rows named "... [loop per run]" and "... [merged walk]"; --paired-tiles times every row, dense
 included, with full tiles one and two a step (SPARSE_VDIT_PAIRED_TILES=0 and =only), as rows named
-"... [single tiles]" and "... [paired tiles]".
+"... [single tiles]" and "... [paired tiles]"; --gluon times every row with the Gluon kernel
+(kernels/gluon_attention.py, SPARSE_VDIT_GLUON=1) too, as rows named "... [gluon]".
 
 Prints a markdown table last and writes it (and the rows as JSON) to --out (default $OUT or .).
 Every row is also logged as it is measured (attention_log.txt); `--table-from LOG` prints the table
@@ -220,10 +221,11 @@ CUBE_WALKS = (("0", "loop per run"), ("only", "merged walk"))  # SPARSE_VDIT_MER
 PAIRINGS = (("0", "single tiles"), ("only", "paired tiles"))  # SPARSE_VDIT_PAIRED_TILES values
 
 
-def forced_choices(tables, cube_walks: bool, paired_tiles: bool) -> list:
+def forced_choices(tables, cube_walks: bool, paired_tiles: bool, gluon: bool = False) -> list:
     """(environment variable, value, row label) of each forced kernel choice a layer's row is also
-    timed under: the cube-order walks where its tables have cube-order heads, the full-tile pairings."""
-    forced = []
+    timed under: the cube-order walks where its tables have cube-order heads, the full-tile pairings,
+    the Gluon kernel."""
+    forced = [("SPARSE_VDIT_GLUON", "1", "gluon")] if gluon else []
     if cube_walks and tables.uses_cube_order():
         forced += [("SPARSE_VDIT_MERGED_CUBE", mode, label) for mode, label in CUBE_WALKS]
     if paired_tiles:
@@ -247,7 +249,7 @@ def env_set(name: str, value: str):
 
 def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", dtype=torch.bfloat16,
                 use_flex: bool = True, baselines=("cudnn", "flash", "sage"), families=FAMILIES,
-                cube_walks: bool = False, paired_tiles: bool = False) -> None:
+                cube_walks: bool = False, paired_tiles: bool = False, gluon: bool = False) -> None:
     """Time and check every variant at one (label, geometry, heads, head_dim); rows appended."""
     label, geom, H, D = shape
     L = geom.seq_len
@@ -307,7 +309,7 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
         dense_ms = time_ms(lambda: dense_plan.run(q, k, v))
         add("ours dense" + tag, dense_ms, 1.0, dense_plan.tile_density,
             err=dense_err(out), note=tuned_config_name())
-        for var, mode, choice in forced_choices(dense_plan.tables, False, paired_tiles):
+        for var, mode, choice in forced_choices(dense_plan.tables, False, paired_tiles, gluon):
             with env_set(var, mode):
                 out = dense_plan.run(q, k, v)
                 ms = time_ms(lambda: dense_plan.run(q, k, v))
@@ -343,7 +345,7 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
                     log(traceback.format_exc())
             add(name + tag, ms, token_density, plan.tile_density, flex_ms, err, note,
                 efficiency=token_density * dense_ms / ms)
-            for var, mode, choice in forced_choices(plan.tables, cube_walks, paired_tiles):
+            for var, mode, choice in forced_choices(plan.tables, cube_walks, paired_tiles, gluon):
                 with env_set(var, mode):
                     err = sampled_error(plan.run(q, k, v, dense=sdpa), q, k, v, plan.head_rules, geom)
                     ms = time_ms(lambda: plan.run(q, k, v, dense=sdpa))
@@ -404,6 +406,8 @@ def main(argv=None) -> None:
                     help="also time layers with cube-order heads under each cube-order walk")
     ap.add_argument("--paired-tiles", action="store_true",
                     help="also time every row with full tiles one and two a step")
+    ap.add_argument("--gluon", action="store_true",
+                    help="also time every row with the Gluon kernel (SPARSE_VDIT_GLUON=1)")
     ap.add_argument("--quick", action="store_true",
                     help="wan13b,cogvideox; local_window at 0.1,0.3; cuDNN baseline; no Flex")
     ap.add_argument("--table-from", metavar="LOG",
@@ -444,7 +448,7 @@ def main(argv=None) -> None:
             use_flex = args.flex_shapes is None or key in args.flex_shapes.split(",")
             bench_shape(SHAPES[key], densities, tiles, rows, log, use_flex=use_flex,
                         baselines=args.baselines.split(","), families=families, cube_walks=args.cube_walks,
-                        paired_tiles=args.paired_tiles)
+                        paired_tiles=args.paired_tiles, gluon=args.gluon)
         except Exception:
             log(traceback.format_exc())
         with open(os.path.join(args.out, "attention_rows.json"), "w") as fh:

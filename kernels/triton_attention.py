@@ -655,6 +655,13 @@ def _tma_enabled() -> bool:
     return os.environ.get("SPARSE_VDIT_TMA", "1") != "0"
 
 
+def _gluon_enabled(q: torch.Tensor, block_m: int) -> bool:
+    """Whether this launch may run the Gluon kernel (kernels/gluon_attention.py): SPARSE_VDIT_GLUON=1,
+    an sm_90 GPU, fp16/bf16, 128-row q-tiles. Off by default until it is measured faster."""
+    return (os.environ.get("SPARSE_VDIT_GLUON", "0") == "1" and q.is_cuda and block_m == 128
+            and q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device) == (9, 0))
+
+
 def _tuned_choice(variable: str) -> int:
     """How an autotuned kernel choice is made, from an environment variable: 1 (default: the
     autotuner times it against the alternative), 0 (=0: never) or 2 (=only: always; for tests and
@@ -664,11 +671,10 @@ def _tuned_choice(variable: str) -> int:
     return {"0": 0, "only": 2}.get(os.environ.get(variable, "1"), 1)
 
 
-def _row_descriptor(x: torch.Tensor, block_rows: int):
-    """A 2D TMA descriptor viewing x ([B, H, L, D], last dim contiguous) as rows of its token stride
-    (every head's D values then sit inside one row), or None when x's strides or alignment don't allow it."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+def _row_view(x: torch.Tensor) -> Optional[tuple[int, int]]:
+    """(rows, row stride) of x ([B, H, L, D], last dim contiguous) viewed as rows of its token stride,
+    every head's D values inside one row, or None when x's strides or alignment don't allow a TMA
+    descriptor over that view."""
     B, H, L, D = x.shape
     sb, sh, sl, sd = x.stride()
     if sd != 1 or sl < D or (sl * x.element_size()) % 16 or x.data_ptr() % 16:
@@ -679,7 +685,18 @@ def _row_descriptor(x: torch.Tensor, block_rows: int):
     rows = max(starts) // sl + L
     if rows >= 2**31:
         return None
-    return TensorDescriptor(x, [rows, sl], [sl, 1], [block_rows, D])
+    return rows, sl
+
+
+def _row_descriptor(x: torch.Tensor, block_rows: int):
+    """A 2D TMA descriptor over `_row_view` of x, or None when x does not allow one."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    view = _row_view(x)
+    if view is None:
+        return None
+    rows, sl = view
+    return TensorDescriptor(x, [rows, sl], [sl, 1], [block_rows, x.shape[-1]])
 
 
 @functools.lru_cache(maxsize=16)
@@ -702,13 +719,13 @@ def _gather_rows(x: torch.Tensor, heads: torch.Tensor, rows: torch.Tensor) -> to
 
 
 def _physical_order_copies(kb: torch.Tensor, vb: torch.Tensor, heads: torch.Tensor, orders: torch.Tensor,
-                           geometry: list[int], block_n: int):
-    """TMA descriptors over copies [B, len(heads), L, D] of these heads' K and V rows in their own
-    physical order (`orders`: space-major or cube), so their tiles are consecutive rows like a
-    frame-major head's (one memory-bound gather of 2·L·D elements per head, not timed apart); None when a
-    copy can't get a descriptor."""
+                           geometry: list[int], block_n: int, describe=None):
+    """TMA descriptors (`describe`, default `_row_descriptor`) over copies [B, len(heads), L, D] of
+    these heads' K and V rows in their own physical order (`orders`: space-major or cube), so their
+    tiles are consecutive rows like a frame-major head's (one memory-bound gather of 2·L·D elements
+    per head, not timed apart); None when a copy can't get a descriptor."""
     rows = _physical_rows(*geometry, kb.shape[2], str(kb.device))[orders.long()]
-    copies = tuple(_row_descriptor(_gather_rows(x, heads, rows), block_n) for x in (kb, vb))
+    copies = tuple((describe or _row_descriptor)(_gather_rows(x, heads, rows), block_n) for x in (kb, vb))
     return None if None in copies else copies
 
 
@@ -752,6 +769,13 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     N = frames * P
     order = work_order(prefix, N, L, block_m, segment_q_tiles)
     grid = (order[2] * n_active, B)  # (q-tile, head) work items, `_work_item`
+    if _gluon_enabled(q, block_m):
+        from .gluon_attention import launch_gluon
+
+        with torch.cuda.device(q.device):
+            if launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len, cube_map, geometry,
+                            block_m, block_n, scale * _LOG2E, permuted, order, grid):
+                return
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     descs = None
     if _tma_enabled() and (_INTERPRET or torch.cuda.get_device_capability(q.device)[0] >= 9):

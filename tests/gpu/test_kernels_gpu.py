@@ -73,12 +73,28 @@ def test_register_capped_config_matches_float32(merged, monkeypatch):
     assert TA._sparse_attention_fwd.best_config.maxnreg == 128
 
 
-def _check_layer(geom, head_dim, layout):
+@pytest.mark.parametrize("tiles", [(128, 64), (128, 128)], ids=["128x64", "128x128"])
+@pytest.mark.parametrize("geom", GEOMS, ids=["P1560", "P3600", "P4080"])
+@pytest.mark.parametrize("head_dim, layout", [(128, "bhld"), (64, "blhd")])
+def test_gluon_kernel_matches_float32(geom, head_dim, layout, tiles, monkeypatch):
+    from sparse_vdit.kernels import gluon_attention as G
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel is built for sm_90")
+    monkeypatch.setenv("SPARSE_VDIT_GLUON", "1")
+    launched = []
+    real = G.launch_gluon
+    monkeypatch.setattr(G, "launch_gluon", lambda *a: launched.append(real(*a)) or launched[-1])
+    _check_layer(geom, head_dim, layout, tiles)
+    assert launched and all(launched)  # the Gluon kernel ran, not the Triton fallback
+
+
+def _check_layer(geom, head_dim, layout, tiles=None):
     """Every head of `_layer_rules` in bf16 against float32 on 384 sampled query rows."""
     prefix, F, H, W, suffix = geom
     L = prefix + F * H * W + suffix
     rules = _layer_rules(F, H, W)
-    bm, bn = preferred_tiles(head_dim, "cuda")
+    bm, bn = tiles or preferred_tiles(head_dim, "cuda")
     tables = tables_from_rules(rules, prefix, F, H, W, L, bm, bn, device="cuda")
     B, nh = 2, len(rules)
     shape = (B, nh, L, head_dim) if layout == "bhld" else (B, L, nh, head_dim)

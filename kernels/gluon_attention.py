@@ -1,0 +1,274 @@
+"""The sparse-attention kernel for Hopper (sm_90) in Gluon, on the Triton kernel's tables, rules and
+masks (docs/DESIGN.md 5).
+
+Triton 3.6 waits for each tile's QK wgmma right after issuing it, so the tensor cores idle during the
+softmax. Here the waits are explicit: per k-tile j the QK of the next tile is issued (async wgmma)
+before tile j's softmax and tile j's PV after it, with one wait per tile, and K/V tiles arrive by TMA
+into a ring of STAGES shared slots, one mbarrier each. bench/gluon_dense.py measured this loop on
+dense attention at 0.905x cuDNN (d = 128, 128-key tiles, 3 slots) and 0.976-0.997x (d = 64, 64-key
+tiles, 3-6 slots), against 0.83-0.90x for the Triton kernel (bench/results/attention.md, run L).
+
+A program walks its q-tile's runs as one sequence of k-tiles: a load walker keeps STAGES tiles in
+flight ahead of the compute walker, across runs, so the pipeline never drains between runs. A tile
+that is partial or past the first cut tile (kv_len, the sequence end) gets the rule's mask
+(`_masked_scores`, shared with the Triton kernel) between its QK and its softmax; full tiles none.
+Every head reads K/V by TMA: frame-major heads from the inputs, space-major and cube-order heads from
+their copies in physical order (`_physical_order_copies`). Gluon does not run under TRITON_INTERPRET;
+on the CPU it compiles for sm_90 (`compile_sm90`), on the GPU tests/gpu checks it against the reference.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia import hopper
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+
+from .triton_attention import (_NEG_BIG, _first_cut_tile, _first_run, _masked_scores, _next_tile, _q_tile_rows,
+                               _query_box, _row_view, _to_logical, _work_item)
+
+_GL_DTYPES = {}  # torch dtype -> Gluon dtype, filled below
+SMEM_BUDGET = 227 * 1024 - 2048  # of the 227 KB a block may use on sm_90: Q and the K/V ring (barriers: the rest)
+MAX_STAGES = 6
+
+
+def _fill_dtypes():
+    import torch
+
+    _GL_DTYPES.update({torch.bfloat16: gl.bfloat16, torch.float16: gl.float16})
+
+
+_fill_dtypes()
+
+
+def stages_for(block_m: int, block_n: int, head_dim: int, elem_bytes: int = 2) -> int:
+    """K/V ring slots that fit the shared-memory budget next to the Q tile (at most MAX_STAGES)."""
+    free = SMEM_BUDGET - block_m * head_dim * elem_bytes
+    return max(2, min(MAX_STAGES, free // (2 * block_n * head_dim * elem_bytes)))
+
+
+@gluon.jit
+def _load_tile(desc_k, desc_v, k_s, v_s, bars, t, kt, from_copy, k_row, k_col, v_row, v_col, c_row,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA loads of k-tile `kt`'s K and V into ring slot t % STAGES, signalling its mbarrier: from the
+    inputs' 2D row views at (row, column) origins, or from the head's copies (`from_copy`) at row c_row."""
+    stage = t % STAGES
+    bar = bars.index(stage)
+    mbarrier.expect(bar, 2 * desc_k[0].block_type.nbytes)
+    if from_copy:
+        tma.async_copy_global_to_shared(desc_k[1], [c_row + kt * BLOCK_N, 0], bar, k_s.index(stage))
+        tma.async_copy_global_to_shared(desc_v[1], [c_row + kt * BLOCK_N, 0], bar, v_s.index(stage))
+    else:
+        tma.async_copy_global_to_shared(desc_k[0], [k_row + kt * BLOCK_N, k_col], bar, k_s.index(stage))
+        tma.async_copy_global_to_shared(desc_v[0], [v_row + kt * BLOCK_N, v_col], bar, v_s.index(stage))
+
+
+@gluon.jit
+def _tile_softmax(s, kt, masked, m_i, l_i, rule, lq, layout_args, order, CUBE_MAP, prefix, F, P, W, N, inv_F, inv_P,
+                  inv_W, kv_end, qk_scale, BLOCK_N: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
+    """One tile's online-softmax statistics, its rule mask first when `masked` (the query box is rebuilt
+    from the rows `lq` there: kept live across the loop it made the full tiles spill): (P as the PV
+    wgmma's register operand, alpha, new max, new sum)."""
+    if masked:
+        box = _query_box(rule, lq, prefix, F, W, P, N, inv_P, inv_W, *layout_args)
+        cols = kt * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
+        lk = _to_logical(cols, order, prefix, F, P, N, inv_F, CUBE_MAP)
+        s = _masked_scores(s, box, lk, prefix, P, W, N, inv_P, inv_W, kv_end)
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_i
+
+
+@gluon.jit(do_not_specialize=["n_active", "q_cut1", "q_cut2", "n_q", "n_lead", "trail_start", "L", "prefix", "F",
+                              "W", "P", "N", "n_slots"])
+def gluon_sparse_fwd(
+    Q, O, RULES, ROW_PTR, RUNS, ACTIVE, KV_LEN, CUBE_MAP, DESC_K, DESC_V, DESC_KS, DESC_VS, SLOT,
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
+    n_active, q_cut1, q_cut2, n_q, n_lead, trail_start,
+    L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale,
+    win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard, n_slots,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_KV_LEN: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    nw: gl.constexpr = gl.num_warps()
+    dtype: gl.constexpr = Q.dtype.element_ty
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [nw, 1], [1, 0])
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    pid_m, a = _work_item(gl.program_id(0), n_active, n_q, n_lead, trail_start)
+    b = gl.program_id(1).to(gl.int64)
+    h = gl.load(ACTIVE + a).to(gl.int64)
+    rule = RULES + h * 16
+    order = gl.load(rule + 0)
+    row_base = gl.load(rule + 1)
+    if HAS_KV_LEN:
+        kv_end = gl.minimum(gl.load(KV_LEN + b), L)
+    else:
+        kv_end = L
+    first_cut_tile = _first_cut_tile(order, kv_end, prefix, N, P, BLOCK_N)
+    m_start, m_end = _q_tile_rows(pid_m, q_cut1, q_cut2, L, BLOCK_M)
+
+    # Q rows (gathered through the head's order) into shared memory, once
+    rows = m_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
+    lq = _to_logical(gl.where(rows < m_end, rows, m_start), order, prefix, F, P, N, inv_F, CUBE_MAP)
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
+    q = gl.load(Q + b * stride_qb + h * stride_qh + lq.to(gl.int64)[:, None] * stride_ql + cols[None, :],
+                mask=(rows < m_end)[:, None], other=0.0)
+    q_s = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], DESC_K.layout, q)
+    k_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], DESC_K.layout)
+    v_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], DESC_V.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    hopper.fence_async_shared()  # Q's stores and the initialised barriers, before the async proxy uses them
+
+    rows_s = m_start + gl.arange(0, BLOCK_M, layout=row_layout)
+    lq_s = _to_logical(gl.where(rows_s < m_end, rows_s, m_start), order, prefix, F, P, N, inv_F, CUBE_MAP)
+    layout_args = (win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard)
+
+    # where this head's token 0 is: (row, column) of the inputs' 2D views, or its copy's first row
+    k_off = b * stride_kb + h * stride_kh
+    v_off = b * stride_vb + h * stride_vh
+    k_row, v_row = (k_off // stride_kl).to(gl.int32), (v_off // stride_vl).to(gl.int32)
+    k_col, v_col = (k_off % stride_kl).to(gl.int32), (v_off % stride_vl).to(gl.int32)
+    from_copy = (order != 0) & (n_slots > 0)
+    c_row = ((b * n_slots + gl.load(SLOT + h, mask=from_copy, other=0)) * L).to(gl.int32)
+    descs_k = (DESC_K, DESC_KS)
+    descs_v = (DESC_V, DESC_VS)
+
+    run_lo = gl.load(ROW_PTR + row_base + pid_m)
+    run_hi = gl.load(ROW_PTR + row_base + pid_m + 1)
+    n, kt0, hi0, full0 = _first_run(RUNS, run_lo, run_hi)
+    lr, lkt, lhi, lfull = run_lo, kt0, hi0, full0  # the load walker, STAGES tiles ahead
+    for t in gl.static_range(STAGES):
+        if t < n:
+            _load_tile(descs_k, descs_v, k_s, v_s, bars, t, lkt, from_copy, k_row, k_col, v_row, v_col, c_row,
+                       BLOCK_N, STAGES)
+            lr, lkt, lhi, lfull = _next_tile(RUNS, lr, lkt, lhi, lfull, run_hi)
+    cr, ckt, chi, cfull = run_lo, kt0, hi0, full0  # the compute walker
+
+    m_i = gl.full([BLOCK_M], _NEG_BIG, gl.float32, row_layout)
+    l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    mbarrier.wait(bars.index(0), 0)
+    s = hopper.warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
+    for j in range(n - 1):  # tile j+1's QK runs during tile j's softmax
+        nxt = (j + 1) % STAGES
+        mbarrier.wait(bars.index(nxt), ((j + 1) // STAGES) & 1)
+        s_next = hopper.warpgroup_mma(q_s, k_s.index(nxt).permute((1, 0)),
+                                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), is_async=True)
+        masked = (cfull == 0) | (ckt >= first_cut_tile)
+        p, alpha, m_i, l_i = _tile_softmax(s, ckt, masked, m_i, l_i, rule, lq_s, layout_args, order, CUBE_MAP, prefix, F, P, W, N,
+                                           inv_F, inv_P, inv_W, kv_end, qk_scale, BLOCK_N, p_layout, dtype)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        acc = hopper.warpgroup_mma(p, v_s.index(j % STAGES), acc, is_async=True)
+        s, acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[s_next, acc])
+        if j + STAGES < n:  # tile j's slot is free again
+            _load_tile(descs_k, descs_v, k_s, v_s, bars, j + STAGES, lkt, from_copy, k_row, k_col, v_row, v_col,
+                       c_row, BLOCK_N, STAGES)
+            lr, lkt, lhi, lfull = _next_tile(RUNS, lr, lkt, lhi, lfull, run_hi)
+        cr, ckt, chi, cfull = _next_tile(RUNS, cr, ckt, chi, cfull, run_hi)
+    last = n - 1
+    masked = (cfull == 0) | (ckt >= first_cut_tile)
+    p, alpha, m_i, l_i = _tile_softmax(s, ckt, masked, m_i, l_i, rule, lq_s, layout_args, order, CUBE_MAP, prefix, F, P, W, N,
+                                       inv_F, inv_P, inv_W, kv_end, qk_scale, BLOCK_N, p_layout, dtype)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    acc = hopper.warpgroup_mma(p, v_s.index(last % STAGES), acc, is_async=True)
+    acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    out = (acc / gl.where(l_o > 0, l_o, 1.0)[:, None]).to(dtype)
+    rows_o = m_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    lq_o = gl.convert_layout(lq_s, gl.SliceLayout(1, o_layout))
+    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    gl.store(O + b * stride_ob + h * stride_oh + lq_o.to(gl.int64)[:, None] * stride_ol + cols_o[None, :], out,
+             mask=(rows_o < m_end)[:, None])
+
+
+def row_descriptor(x, block_rows: int):
+    """A Gluon TMA descriptor viewing x ([B, H, L, D], last dim contiguous) as rows of its token stride
+    (`triton_attention._row_descriptor`'s view), or None when x's strides or alignment don't allow it."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    view = _row_view(x)
+    if view is None:
+        return None
+    rows, row_stride = view
+    D = x.shape[-1]
+    layout = gl.NVMMASharedLayout.get_default_for([block_rows, D], _GL_DTYPES[x.dtype])
+    return TensorDescriptor(x, [rows, row_stride], [row_stride, 1], [block_rows, D], layout)
+
+
+def compile_sm90(head_dim: int = 128, block_m: int = 128, block_n: int = 128, stages: int | None = None,
+                 warps: int = 8, kv_len: bool = True):
+    """The sm_90 CompiledKernel of `gluon_sparse_fwd` (bf16), built on the CPU (no GPU needed)."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    stages = stages or stages_for(block_m, block_n, head_dim)
+    desc = mangle_type(row_descriptor(torch.empty(1, 1, 1024, head_dim, dtype=torch.bfloat16), block_n))
+    fn = gluon_sparse_fwd
+    const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len, STAGES=stages)
+    signature = {}
+    for name in fn.arg_names:
+        if name in const:
+            signature[name] = "constexpr"
+        elif name in ("Q", "O"):
+            signature[name] = "*bf16"
+        elif name.startswith("DESC_"):
+            signature[name] = desc
+        elif name in ("RULES", "ROW_PTR", "RUNS", "ACTIVE", "KV_LEN", "CUBE_MAP", "SLOT"):
+            signature[name] = "*i32"
+        elif name in ("inv_F", "inv_W", "inv_P", "qk_scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    aligned = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
+               if signature[n].startswith("*") or n.startswith("stride_")}
+    source = GluonASTSource(fn=fn, signature=signature, attrs=aligned,
+                            constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+def launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len, cube_map, geometry: list[int],
+                 block_m: int, block_n: int, qk_scale: float, permuted, work: tuple[int, ...], grid) -> bool:
+    """Launch `gluon_sparse_fwd` on [B, H, L, D] views (`triton_attention.launch_sparse_attention`'s
+    arguments; `work` from `work_order`, qk_scale including log2 e); False, launching nothing, when a
+    K/V view or a permuted head's copy gets no TMA descriptor (the Triton kernel then gathers)."""
+    from .triton_attention import _physical_order_copies, box_layouts
+
+    descs = (row_descriptor(kb, block_n), row_descriptor(vb, block_n))
+    if None in descs:
+        return False
+    copies, n_slots, slots = None, 0, head_rules
+    if permuted is not None and permuted[0].numel():
+        copies = _physical_order_copies(kb, vb, permuted[0], permuted[2], geometry, block_n, row_descriptor)
+        if copies is None:
+            return False
+        n_slots, slots = permuted[0].numel(), permuted[1]
+    prefix, frames, height, width = geometry
+    B, _, L, D = qb.shape
+    P = height * width
+    gluon_sparse_fwd[grid](
+        qb, ob, head_rules, row_ptr, runs, active_heads, kv_len if kv_len is not None else head_rules,
+        cube_map if cube_map is not None else head_rules, *descs, *(copies or descs), slots,
+        qb.stride(0), qb.stride(1), qb.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
+        vb.stride(0), vb.stride(1), vb.stride(2), ob.stride(0), ob.stride(1), ob.stride(2),
+        active_heads.numel(), *work, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
+        qk_scale, *box_layouts(frames, height, width), n_slots,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
+        STAGES=stages_for(block_m, block_n, D, qb.element_size()), num_warps=8)
+    return True
