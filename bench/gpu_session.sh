@@ -2,7 +2,7 @@
 # One lent-H200 call that refreshes the benchmarks not yet measured (BENCHMARKS.md, "Next GPU
 # session"), each step time-boxed so a slow one cannot eat the others; logs and tables under $OUT.
 # Run from the repository root with the diffusers wheel in .whl/ (carry .whl):
-#   bash bench/gpu_session.sh [attention engine tma profile paired gluon e2e search quality parity]
+#   bash bench/gpu_session.sh [attention engine tma profile paired gluon gluon_sparse e2e search quality parity]
 set -uo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -49,6 +49,14 @@ for step in ${steps[*]}; do
     gluon)     # the Gluon full-tile prototype (bench/gluon_dense.py): its GPU test, then timed against cuDNN
                timeout 120 python3 -m pytest -q tests/gpu/test_gluon_dense_gpu.py
                timeout "${GLUON_SECONDS:-120}" python3 -m sparse_vdit.bench.gluon_dense --out "$OUT/gluon_dense.md" ;;
+    gluon_sparse)  # the Gluon sparse kernel: its GPU tests, then every row timed with it and with the Triton kernel
+               SPARSE_VDIT_TRITON_CONFIGS=8x3 timeout 150 python3 -m pytest -q tests/gpu -k gluon_kernel
+               timeout "${GS_COGX_SECONDS:-150}" python3 -m sparse_vdit.bench.attention --shapes cogvideox \
+                 --densities 0.1,0.3 --families diagonal,multi_diagonal,vertical_stripe --baselines cudnn \
+                 --flex-shapes "" --gluon --out "$OUT/gluon_cogx"
+               timeout "${GS_WAN_SECONDS:-250}" python3 -m sparse_vdit.bench.attention --shapes wan14b \
+                 --densities 0.1,0.5 --families diagonal,multi_diagonal --tiles 128x64,128x128 --baselines cudnn \
+                 --flex-shapes "" --gluon --out "$OUT/gluon_wan" ;;
     e2e)       timeout "${E2E_SECONDS:-300}" python3 -m sparse_vdit.bench.e2e --models "${E2E_MODELS:-hunyuan,cogvideox,wan13b}" \
                  --out "$OUT/e2e.md" ;;
     search)    timeout "${SEARCH_SECONDS:-120}" python3 -m sparse_vdit.bench.search --out "$OUT/search.md" ;;
@@ -58,7 +66,7 @@ for step in ${steps[*]}; do
                PYTHONPATH=$PYTHONPATH:$PWD/.comfy/ComfyUI COMFYUI_ROOT=$PWD/.comfy/ComfyUI timeout "${PARITY_SECONDS:-280}" \
                  python3 -m sparse_vdit.bench.comfyui_parity --model wan13b --repeats 5 --warmup 2 \
                  --budget "${PARITY_BUDGET:-170}" --out "$OUT/comfyui_parity.md" ;;
-    *) echo "unknown step $step (attention engine tma profile paired gluon e2e search quality parity)"; exit 2 ;;
+    *) echo "unknown step $step (attention engine tma profile paired gluon gluon_sparse e2e search quality parity)"; exit 2 ;;
   esac 2>&1 | tee "$OUT/$step.log" | grep -E "^\||rror" || true
 done
 # at most 8 files come back: everything goes home as one archive
