@@ -55,7 +55,7 @@ for step in ${steps[*]}; do
                  --densities 0.1,0.3 --families diagonal,multi_diagonal,vertical_stripe --baselines cudnn \
                  --flex-shapes "" --gluon --out "$OUT/gluon_cogx"
                timeout "${GS_WAN_SECONDS:-250}" python3 -m sparse_vdit.bench.attention --shapes wan14b \
-                 --densities 0.1,0.5 --families diagonal,multi_diagonal --tiles 128x64,128x128 --baselines cudnn \
+                 --densities 0.1,0.5 --families diagonal,multi_diagonal --tiles "${GS_WAN_TILES:-128x64}" --baselines cudnn \
                  --flex-shapes "" --gluon --out "$OUT/gluon_wan" ;;
     e2e)       timeout "${E2E_SECONDS:-300}" python3 -m sparse_vdit.bench.e2e --models "${E2E_MODELS:-hunyuan,cogvideox,wan13b}" \
                  --out "$OUT/e2e.md" ;;

@@ -8,10 +8,10 @@ into a ring of STAGES shared slots, one mbarrier each. bench/gluon_dense.py meas
 dense attention at 0.905x cuDNN (d = 128, 128-key tiles, 3 slots) and 0.976-0.997x (d = 64, 64-key
 tiles, 3-6 slots), against 0.83-0.90x for the Triton kernel (bench/results/attention.md, run L).
 
-A program walks its q-tile's runs as one sequence of k-tiles: a load walker keeps STAGES tiles in
-flight ahead of the compute walker, across runs, so the pipeline never drains between runs. A tile
-that is partial or past the first cut tile (kv_len, the sequence end) gets the rule's mask
-(`_masked_scores`, shared with the Triton kernel) between its QK and its softmax; full tiles none.
+A program walks its q-tile's runs in two software-pipelined loops, the full tiles first, then the
+partial and cut ones (kv_len, the sequence end) with the rule's mask (`_masked_scores`, shared with
+the Triton kernel) between their QK and softmax: a load walker keeps STAGES tiles in flight ahead of
+the compute walker across runs, so the pipeline drains twice per q-tile, not twice per run.
 Every head reads K/V by TMA: frame-major heads from the inputs, space-major and cube-order heads from
 their copies in physical order (`_physical_order_copies`). Gluon does not run under TRITON_INTERPRET;
 on the CPU it compiles for sm_90 (`compile_sm90`), on the GPU tests/gpu checks it against the reference.
@@ -24,8 +24,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-from .triton_attention import (_NEG_BIG, _first_cut_tile, _first_run, _masked_scores, _next_tile, _q_tile_rows,
-                               _query_box, _row_view, _to_logical, _work_item)
+from .triton_attention import (_NEG_BIG, _first_cut_tile, _masked_scores, _q_tile_rows, _query_box, _row_view,
+                               _to_logical, _work_item)
 
 _GL_DTYPES = {}  # torch dtype -> Gluon dtype, filled below
 SMEM_BUDGET = 227 * 1024 - 2048  # of the 227 KB a block may use on sm_90: Q and the K/V ring (barriers: the rest)
@@ -64,12 +64,13 @@ def _load_tile(desc_k, desc_v, k_s, v_s, bars, t, kt, from_copy, k_row, k_col, v
 
 
 @gluon.jit
-def _tile_softmax(s, kt, masked, m_i, l_i, rule, lq, layout_args, order, CUBE_MAP, prefix, F, P, W, N, inv_F, inv_P,
-                  inv_W, kv_end, qk_scale, BLOCK_N: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
-    """One tile's online-softmax statistics, its rule mask first when `masked` (the query box is rebuilt
-    from the rows `lq` there: kept live across the loop it made the full tiles spill): (P as the PV
-    wgmma's register operand, alpha, new max, new sum)."""
-    if masked:
+def _tile_softmax(s, kt, m_i, l_i, mask_args, qk_scale, MASKED: gl.constexpr, BLOCK_N: gl.constexpr,
+                  p_layout: gl.constexpr, dtype: gl.constexpr):
+    """One tile's online-softmax statistics, MASKED: the rule's mask first (the query box rebuilt from
+    the rows `lq`, not kept live across the loop): (P as the PV wgmma's register operand, alpha, new
+    max, new sum)."""
+    if MASKED:
+        (rule, lq, layout_args, order, CUBE_MAP, prefix, F, P, W, N, inv_F, inv_P, inv_W, kv_end) = mask_args
         box = _query_box(rule, lq, prefix, F, W, P, N, inv_P, inv_W, *layout_args)
         cols = kt * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
         lk = _to_logical(cols, order, prefix, F, P, N, inv_F, CUBE_MAP)
@@ -79,6 +80,95 @@ def _tile_softmax(s, kt, masked, m_i, l_i, rule, lq, layout_args, order, CUBE_MA
     p = gl.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + gl.sum(p, axis=1)
     return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_i
+
+
+@gluon.jit
+def _kind_bounds(RUNS, r, run_hi, first_cut_tile, MASKED: gl.constexpr):
+    """[a, b): the tiles of run r (none past run_hi) of one kind: full ones (before the first cut tile
+    of a full run) or, MASKED, the others."""
+    some = r < run_hi
+    lo = gl.load(RUNS + 3 * r, mask=some, other=0)
+    hi = gl.load(RUNS + 3 * r + 1, mask=some, other=0)
+    full = gl.load(RUNS + 3 * r + 2, mask=some, other=0)
+    cut = gl.minimum(gl.maximum(first_cut_tile, lo), hi)
+    if MASKED:
+        a = gl.where(full != 0, cut, lo)
+        b = hi
+    else:
+        a = lo
+        b = gl.where(full != 0, cut, lo)
+    return a, b
+
+
+@gluon.jit
+def _seek(RUNS, r, run_hi, first_cut_tile, MASKED: gl.constexpr):
+    """The first tile of the kind in runs r, r + 1, ...: (run, tile, that run's end of the kind); past the
+    last run, r = run_hi."""
+    kt, b = _kind_bounds(RUNS, r, run_hi, first_cut_tile, MASKED)
+    while (kt >= b) & (r < run_hi):
+        r += 1
+        kt, b = _kind_bounds(RUNS, r, run_hi, first_cut_tile, MASKED)
+    return r, kt, b
+
+
+@gluon.jit
+def _advance(RUNS, r, kt, b, run_hi, first_cut_tile, MASKED: gl.constexpr):
+    """The next tile of the kind after tile kt of run r (whose end of the kind is b). Branch-free (the
+    next runs are sought every step and selected): with an `if` around the seek ptxas serialized every
+    wgmma of the kernel (C7514)."""
+    kt += 1
+    r2, kt2, b2 = _seek(RUNS, r + 1, run_hi, first_cut_tile, MASKED)
+    step = kt >= b
+    return gl.where(step, r2, r), gl.where(step, kt2, kt), gl.where(step, b2, b)
+
+
+@gluon.jit
+def _attend_kind(m_i, l_i, acc, t0, ring, walk, mask_args, qk_scale, MASKED: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                 p_layout: gl.constexpr, dtype: gl.constexpr):
+    """Fold the q-tile's tiles of one kind (full, or MASKED: partial and cut) into the online softmax, in
+    one software-pipelined loop over all its runs: a load walker keeps STAGES tiles in flight, tile
+    j+1's QK is issued before tile j's softmax and its PV after it, one wait a tile. Ring use number t0
+    on (slot t % STAGES, phase t // STAGES) continues the previous kind's. Two loops, not one with a
+    branch: the inlined mask code (and its loop invariants) took 221 registers and 2,249 instructions
+    a tile in the one loop, the full tiles' loop alone 127 and 366. Returns the state and the ring uses."""
+    (q_s, k_s, v_s, bars, descs_k, descs_v, from_copy, k_row, k_col, v_row, v_col, c_row) = ring
+    (RUNS, run_lo, run_hi, first_cut_tile) = walk
+    n = 0
+    for r in range(run_lo, run_hi):
+        a, b = _kind_bounds(RUNS, r, run_hi, first_cut_tile, MASKED)
+        n += b - a
+    if n > 0:
+        lr, lkt, lb = _seek(RUNS, run_lo, run_hi, first_cut_tile, MASKED)  # the load walker
+        cr, ckt, cb = lr, lkt, lb  # the compute walker
+        for t in gl.static_range(STAGES):
+            if t < n:
+                _load_tile(descs_k, descs_v, k_s, v_s, bars, t0 + t, lkt, from_copy, k_row, k_col, v_row, v_col,
+                           c_row, BLOCK_N, STAGES)
+                lr, lkt, lb = _advance(RUNS, lr, lkt, lb, run_hi, first_cut_tile, MASKED)
+        mbarrier.wait(bars.index(t0 % STAGES), (t0 // STAGES) & 1)
+        s = hopper.warpgroup_mma(q_s, k_s.index(t0 % STAGES).permute((1, 0)),
+                                 gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
+        for j in range(n - 1):  # tile j+1's QK runs during tile j's softmax
+            nxt = t0 + j + 1
+            mbarrier.wait(bars.index(nxt % STAGES), (nxt // STAGES) & 1)
+            s_next = hopper.warpgroup_mma(q_s, k_s.index(nxt % STAGES).permute((1, 0)),
+                                          gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), is_async=True)
+            p, alpha, m_i, l_i = _tile_softmax(s, ckt, m_i, l_i, mask_args, qk_scale, MASKED, BLOCK_N, p_layout,
+                                               dtype)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            acc = hopper.warpgroup_mma(p, v_s.index((t0 + j) % STAGES), acc, is_async=True)
+            s, acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[s_next, acc])
+            if j + STAGES < n:  # tile j's slot is free again
+                _load_tile(descs_k, descs_v, k_s, v_s, bars, t0 + j + STAGES, lkt, from_copy, k_row, k_col, v_row,
+                           v_col, c_row, BLOCK_N, STAGES)
+                lr, lkt, lb = _advance(RUNS, lr, lkt, lb, run_hi, first_cut_tile, MASKED)
+            cr, ckt, cb = _advance(RUNS, cr, ckt, cb, run_hi, first_cut_tile, MASKED)
+        p, alpha, m_i, l_i = _tile_softmax(s, ckt, m_i, l_i, mask_args, qk_scale, MASKED, BLOCK_N, p_layout, dtype)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        acc = hopper.warpgroup_mma(p, v_s.index((t0 + n - 1) % STAGES), acc, is_async=True)
+        acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    return m_i, l_i, acc, t0 + n
 
 
 @gluon.jit(do_not_specialize=["n_active", "q_cut1", "q_cut2", "n_q", "n_lead", "trail_start", "L", "prefix", "F",
@@ -146,43 +236,16 @@ def gluon_sparse_fwd(
 
     run_lo = gl.load(ROW_PTR + row_base + pid_m)
     run_hi = gl.load(ROW_PTR + row_base + pid_m + 1)
-    n, kt0, hi0, full0 = _first_run(RUNS, run_lo, run_hi)
-    lr, lkt, lhi, lfull = run_lo, kt0, hi0, full0  # the load walker, STAGES tiles ahead
-    for t in gl.static_range(STAGES):
-        if t < n:
-            _load_tile(descs_k, descs_v, k_s, v_s, bars, t, lkt, from_copy, k_row, k_col, v_row, v_col, c_row,
-                       BLOCK_N, STAGES)
-            lr, lkt, lhi, lfull = _next_tile(RUNS, lr, lkt, lhi, lfull, run_hi)
-    cr, ckt, chi, cfull = run_lo, kt0, hi0, full0  # the compute walker
-
     m_i = gl.full([BLOCK_M], _NEG_BIG, gl.float32, row_layout)
     l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    mbarrier.wait(bars.index(0), 0)
-    s = hopper.warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
-    for j in range(n - 1):  # tile j+1's QK runs during tile j's softmax
-        nxt = (j + 1) % STAGES
-        mbarrier.wait(bars.index(nxt), ((j + 1) // STAGES) & 1)
-        s_next = hopper.warpgroup_mma(q_s, k_s.index(nxt).permute((1, 0)),
-                                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), is_async=True)
-        masked = (cfull == 0) | (ckt >= first_cut_tile)
-        p, alpha, m_i, l_i = _tile_softmax(s, ckt, masked, m_i, l_i, rule, lq_s, layout_args, order, CUBE_MAP, prefix, F, P, W, N,
-                                           inv_F, inv_P, inv_W, kv_end, qk_scale, BLOCK_N, p_layout, dtype)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        acc = hopper.warpgroup_mma(p, v_s.index(j % STAGES), acc, is_async=True)
-        s, acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[s_next, acc])
-        if j + STAGES < n:  # tile j's slot is free again
-            _load_tile(descs_k, descs_v, k_s, v_s, bars, j + STAGES, lkt, from_copy, k_row, k_col, v_row, v_col,
-                       c_row, BLOCK_N, STAGES)
-            lr, lkt, lhi, lfull = _next_tile(RUNS, lr, lkt, lhi, lfull, run_hi)
-        cr, ckt, chi, cfull = _next_tile(RUNS, cr, ckt, chi, cfull, run_hi)
-    last = n - 1
-    masked = (cfull == 0) | (ckt >= first_cut_tile)
-    p, alpha, m_i, l_i = _tile_softmax(s, ckt, masked, m_i, l_i, rule, lq_s, layout_args, order, CUBE_MAP, prefix, F, P, W, N,
-                                       inv_F, inv_P, inv_W, kv_end, qk_scale, BLOCK_N, p_layout, dtype)
-    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    acc = hopper.warpgroup_mma(p, v_s.index(last % STAGES), acc, is_async=True)
-    acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    ring = (q_s, k_s, v_s, bars, descs_k, descs_v, from_copy, k_row, k_col, v_row, v_col, c_row)
+    walk = (RUNS, run_lo, run_hi, first_cut_tile)
+    mask_args = (rule, lq_s, layout_args, order, CUBE_MAP, prefix, F, P, W, N, inv_F, inv_P, inv_W, kv_end)
+    m_i, l_i, acc, used = _attend_kind(m_i, l_i, acc, 0, ring, walk, mask_args, qk_scale, False, BLOCK_M, BLOCK_N,
+                                       STAGES, s_layout, o_layout, p_layout, dtype)
+    m_i, l_i, acc, used = _attend_kind(m_i, l_i, acc, used, ring, walk, mask_args, qk_scale, True, BLOCK_M, BLOCK_N,
+                                       STAGES, s_layout, o_layout, p_layout, dtype)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
