@@ -83,10 +83,10 @@ def _tile_softmax(s, kt, m_i, l_i, mask_args, qk_scale, MASKED: gl.constexpr, BL
 
 
 @gluon.jit
-def _kind_bounds(RUNS, r, run_hi, first_cut_tile, MASKED: gl.constexpr):
-    """[a, b): the tiles of run r (none past run_hi) of one kind: full ones (before the first cut tile
-    of a full run) or, MASKED, the others."""
-    some = r < run_hi
+def _kind_bounds(RUNS, r, run_hi, first_cut_tile, MASKED: gl.constexpr, wanted=True):
+    """[a, b): the tiles of run r (none past run_hi, none unless `wanted`: the loads are predicated off)
+    of one kind: full ones (before the first cut tile of a full run) or, MASKED, the others."""
+    some = (r < run_hi) & wanted
     lo = gl.load(RUNS + 3 * r, mask=some, other=0)
     hi = gl.load(RUNS + 3 * r + 1, mask=some, other=0)
     full = gl.load(RUNS + 3 * r + 2, mask=some, other=0)
@@ -101,11 +101,11 @@ def _kind_bounds(RUNS, r, run_hi, first_cut_tile, MASKED: gl.constexpr):
 
 
 @gluon.jit
-def _seek(RUNS, r, run_hi, first_cut_tile, MASKED: gl.constexpr):
-    """The first tile of the kind in runs r, r + 1, ...: (run, tile, that run's end of the kind); past the
-    last run, r = run_hi."""
-    kt, b = _kind_bounds(RUNS, r, run_hi, first_cut_tile, MASKED)
-    while (kt >= b) & (r < run_hi):
+def _seek(RUNS, r, run_hi, first_cut_tile, MASKED: gl.constexpr, wanted=True):
+    """The first tile of the kind in runs r, r + 1, ... when `wanted` (else nothing is read): (run,
+    tile, that run's end of the kind); past the last run, r = run_hi."""
+    kt, b = _kind_bounds(RUNS, r, run_hi, first_cut_tile, MASKED, wanted)
+    while wanted & (kt >= b) & (r < run_hi):
         r += 1
         kt, b = _kind_bounds(RUNS, r, run_hi, first_cut_tile, MASKED)
     return r, kt, b
@@ -114,11 +114,11 @@ def _seek(RUNS, r, run_hi, first_cut_tile, MASKED: gl.constexpr):
 @gluon.jit
 def _advance(RUNS, r, kt, b, run_hi, first_cut_tile, MASKED: gl.constexpr):
     """The next tile of the kind after tile kt of run r (whose end of the kind is b). Branch-free (the
-    next runs are sought every step and selected): with an `if` around the seek ptxas serialized every
-    wgmma of the kernel (C7514)."""
+    next runs are read, predicated, only when leaving a run, and selected): with an `if` around the
+    seek ptxas serialized every wgmma of the kernel (C7514)."""
     kt += 1
-    r2, kt2, b2 = _seek(RUNS, r + 1, run_hi, first_cut_tile, MASKED)
     step = kt >= b
+    r2, kt2, b2 = _seek(RUNS, r + 1, run_hi, first_cut_tile, MASKED, step)
     return gl.where(step, r2, r), gl.where(step, kt2, kt), gl.where(step, b2, b)
 
 
