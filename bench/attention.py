@@ -16,7 +16,8 @@ heads under each walk the autotuner chooses between (SPARSE_VDIT_MERGED_CUBE=0 a
 extra rows named "... [loop per run]" and "... [merged walk]"; --paired-tiles times every row, dense
 included, with full tiles one and two a step (SPARSE_VDIT_PAIRED_TILES=0 and =only), as rows named
 "... [single tiles]" and "... [paired tiles]"; --gluon times every row with the Gluon kernel
-(kernels/gluon_attention.py, SPARSE_VDIT_GLUON=1) too, as rows named "... [gluon]".
+(kernels/gluon_attention.py, SPARSE_VDIT_GLUON=1 and =r128) too, as rows named "... [gluon]" and
+"... [gluon r128]".
 
 Prints a markdown table last and writes it (and the rows as JSON) to --out (default $OUT or .).
 Every row is also logged as it is measured (attention_log.txt); `--table-from LOG` prints the table
@@ -225,7 +226,7 @@ def forced_choices(tables, cube_walks: bool, paired_tiles: bool, gluon: bool = F
     """(environment variable, value, row label) of each forced kernel choice a layer's row is also
     timed under: the cube-order walks where its tables have cube-order heads, the full-tile pairings,
     the Gluon kernel."""
-    forced = [("SPARSE_VDIT_GLUON", "1", "gluon")] if gluon else []
+    forced = [("SPARSE_VDIT_GLUON", "1", "gluon"), ("SPARSE_VDIT_GLUON", "r128", "gluon r128")] if gluon else []
     if cube_walks and tables.uses_cube_order():
         forced += [("SPARSE_VDIT_MERGED_CUBE", mode, label) for mode, label in CUBE_WALKS]
     if paired_tiles:

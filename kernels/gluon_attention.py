@@ -19,6 +19,8 @@ on the CPU it compiles for sm_90 (`compile_sm90`), on the GPU tests/gpu checks i
 
 from __future__ import annotations
 
+import os
+
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
@@ -273,7 +275,7 @@ def row_descriptor(x, block_rows: int):
 
 
 def compile_sm90(head_dim: int = 128, block_m: int = 128, block_n: int = 128, stages: int | None = None,
-                 warps: int = 8, kv_len: bool = True):
+                 warps: int = 8, kv_len: bool = True, maxnreg: int | None = None):
     """The sm_90 CompiledKernel of `gluon_sparse_fwd` (bf16), built on the CPU (no GPU needed)."""
     import torch
     import triton
@@ -303,7 +305,7 @@ def compile_sm90(head_dim: int = 128, block_m: int = 128, block_n: int = 128, st
                if signature[n].startswith("*") or n.startswith("stride_")}
     source = GluonASTSource(fn=fn, signature=signature, attrs=aligned,
                             constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "maxnreg": maxnreg})
 
 
 def launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len, cube_map, geometry: list[int],
@@ -333,5 +335,12 @@ def launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len
         active_heads.numel(), *work, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
         qk_scale, *box_layouts(frames, height, width), n_slots,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
-        STAGES=stages_for(block_m, block_n, D, qb.element_size()), num_warps=8)
+        STAGES=stages_for(block_m, block_n, D, qb.element_size()), num_warps=8, **_register_cap())
     return True
+
+
+def _register_cap() -> dict:
+    """Launch options of SPARSE_VDIT_GLUON=r128: at most 128 registers a thread, so two CTAs share an
+    SM at d = 64 (the dense prototype's 126-register loop ran two; this kernel's masked loop takes
+    207 uncapped, and capped it spills there, 2 spill instructions in the full tiles' loop)."""
+    return {"maxnreg": 128} if os.environ.get("SPARSE_VDIT_GLUON") == "r128" else {}

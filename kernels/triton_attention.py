@@ -656,9 +656,10 @@ def _tma_enabled() -> bool:
 
 
 def _gluon_enabled(q: torch.Tensor, block_m: int) -> bool:
-    """Whether this launch may run the Gluon kernel (kernels/gluon_attention.py): SPARSE_VDIT_GLUON=1,
-    an sm_90 GPU, fp16/bf16, 128-row q-tiles. Off by default until it is measured faster."""
-    return (os.environ.get("SPARSE_VDIT_GLUON", "0") == "1" and q.is_cuda and block_m == 128
+    """Whether this launch may run the Gluon kernel (kernels/gluon_attention.py): SPARSE_VDIT_GLUON=1
+    (or r128: with at most 128 registers a thread), an sm_90 GPU, fp16/bf16, 128-row q-tiles. Off by
+    default until it is measured faster."""
+    return (os.environ.get("SPARSE_VDIT_GLUON", "0") in ("1", "r128") and q.is_cuda and block_m == 128
             and q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device) == (9, 0))
 
 

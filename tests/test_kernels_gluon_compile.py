@@ -20,8 +20,8 @@ from sparse_vdit.bench.kernel_sass import disassemble, kernel_loops, loop_table
 from sparse_vdit.kernels.gluon_attention import compile_sm90
 
 out = []
-for d, bn in json.loads(sys.argv[1]):
-    kernel = compile_sm90(head_dim=d, block_n=bn)
+for d, bn, cap in json.loads(sys.argv[1]):
+    kernel = compile_sm90(head_dim=d, block_n=bn, maxnreg=cap)
     sass, registers, stack = disassemble(kernel)
     loops = [(len(body), loop_table(body)["spills"], loop_order(body)) for body in kernel_loops(sass)]
     with tempfile.TemporaryDirectory() as tmp:  # ptxas's advisories (Triton drops them), e.g. C7514
@@ -37,18 +37,22 @@ print(json.dumps(out))
 '''
 
 CASES = [(64, 64), (128, 64), (128, 128)]
+CAPPED = (64, 64, 128)  # SPARSE_VDIT_GLUON=r128: two CTAs an SM at d = 64
 
 
 def test_gluon_kernel_compiles_for_sm90_with_the_overlapped_loop():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], env=env, capture_output=True,
-                         text=True, timeout=900)
+    run = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([c + (None,) for c in CASES] + [CAPPED])],
+                         env=env, capture_output=True, text=True, timeout=900)
     if run.returncode and "not found" in run.stderr:
         pytest.skip("no ptxas / nvdisasm in this Triton install")
     assert run.returncode == 0, run.stderr[-3000:]
     from sparse_vdit.kernels.gluon_attention import SMEM_BUDGET, stages_for
 
-    for (d, bn), got in zip(CASES, json.loads(run.stdout.splitlines()[-1])):
+    results = json.loads(run.stdout.splitlines()[-1])
+    capped = results.pop()
+    assert capped["registers"] <= 128 and capped["advisories"] == [] and len(capped["loops"]) == 2
+    for (d, bn), got in zip(CASES, results):
         stages = stages_for(128, bn, d)
         assert got["shared"] <= 232448 and 2 * d * (128 + 2 * stages * bn) <= SMEM_BUDGET
         assert got["advisories"] == []  # e.g. C7514: ptxas serializing every wgmma

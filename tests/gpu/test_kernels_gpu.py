@@ -75,13 +75,13 @@ def test_register_capped_config_matches_float32(merged, monkeypatch):
 
 @pytest.mark.parametrize("tiles", [(128, 64), (128, 128)], ids=["128x64", "128x128"])
 @pytest.mark.parametrize("geom", GEOMS, ids=["P1560", "P3600", "P4080"])
-@pytest.mark.parametrize("head_dim, layout", [(128, "bhld"), (64, "blhd")])
-def test_gluon_kernel_matches_float32(geom, head_dim, layout, tiles, monkeypatch):
+@pytest.mark.parametrize("head_dim, layout, mode", [(128, "bhld", "1"), (64, "blhd", "1"), (64, "blhd", "r128")])
+def test_gluon_kernel_matches_float32(geom, head_dim, layout, mode, tiles, monkeypatch):
     from sparse_vdit.kernels import gluon_attention as G
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernel is built for sm_90")
-    monkeypatch.setenv("SPARSE_VDIT_GLUON", "1")
+    monkeypatch.setenv("SPARSE_VDIT_GLUON", mode)
     launched = []
     real = G.launch_gluon
     monkeypatch.setattr(G, "launch_gluon", lambda *a: launched.append(real(*a)) or launched[-1])
