@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
@@ -29,18 +30,9 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from .triton_attention import (_NEG_BIG, _first_cut_tile, _masked_scores, _q_tile_rows, _query_box, _row_view,
                                _to_logical, _work_item)
 
-_GL_DTYPES = {}  # torch dtype -> Gluon dtype, filled below
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 SMEM_BUDGET = 227 * 1024 - 2048  # of the 227 KB a block may use on sm_90: Q and the K/V ring (barriers: the rest)
 MAX_STAGES = 6
-
-
-def _fill_dtypes():
-    import torch
-
-    _GL_DTYPES.update({torch.bfloat16: gl.bfloat16, torch.float16: gl.float16})
-
-
-_fill_dtypes()
 
 
 def stages_for(block_m: int, block_n: int, head_dim: int, elem_bytes: int = 2) -> int:
@@ -277,7 +269,6 @@ def row_descriptor(x, block_rows: int):
 def compile_sm90(head_dim: int = 128, block_m: int = 128, block_n: int = 128, stages: int | None = None,
                  warps: int = 8, kv_len: bool = True, maxnreg: int | None = None):
     """The sm_90 CompiledKernel of `gluon_sparse_fwd` (bf16), built on the CPU (no GPU needed)."""
-    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
