@@ -11,7 +11,8 @@ tiles, 3-6 slots), against 0.83-0.90x for the Triton kernel (bench/results/atten
 A program walks its q-tile's runs in two software-pipelined loops, the full tiles first, then the
 partial and cut ones (kv_len, the sequence end) with the rule's mask (`_masked_scores`, shared with
 the Triton kernel) between their QK and softmax: a load walker keeps STAGES tiles in flight ahead of
-the compute walker across runs, so the pipeline drains twice per q-tile, not twice per run.
+the compute walker across runs, so the pipeline drains twice per q-tile, not twice per run; only
+full tiles overlap the next QK with the softmax (masked tiles are few, and their mask needs the registers).
 Every head reads K/V by TMA: frame-major heads from the inputs, space-major and cube-order heads from
 their copies in physical order (`_physical_order_copies`). Gluon does not run under TRITON_INTERPRET;
 on the CPU it compiles for sm_90 (`compile_sm90`), on the GPU tests/gpu checks it against the reference.
@@ -121,8 +122,10 @@ def _attend_kind(m_i, l_i, acc, t0, ring, walk, mask_args, qk_scale, MASKED: gl.
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
                  p_layout: gl.constexpr, dtype: gl.constexpr):
     """Fold the q-tile's tiles of one kind (full, or MASKED: partial and cut) into the online softmax, in
-    one software-pipelined loop over all its runs: a load walker keeps STAGES tiles in flight, tile
-    j+1's QK is issued before tile j's softmax and its PV after it, one wait a tile. Ring use number t0
+    one software-pipelined loop over all its runs: a load walker keeps STAGES tiles in flight; for full
+    tiles, tile j+1's QK is issued before tile j's softmax and its PV after it, one wait a tile; masked
+    tiles go one at a time (QK, mask and softmax, PV), since the mask's registers next to a second
+    score tile in flight made the 128-register cap spill 263 instructions (66 this way). Ring use number t0
     on (slot t % STAGES, phase t // STAGES) continues the previous kind's. Two loops, not one with a
     branch: the inlined mask code (and its loop invariants) took 221 registers and 2,249 instructions
     a tile in the one loop, the full tiles' loop alone 127 and 366. Returns the state and the ring uses."""
@@ -143,16 +146,23 @@ def _attend_kind(m_i, l_i, acc, t0, ring, walk, mask_args, qk_scale, MASKED: gl.
         mbarrier.wait(bars.index(t0 % STAGES), (t0 // STAGES) & 1)
         s = hopper.warpgroup_mma(q_s, k_s.index(t0 % STAGES).permute((1, 0)),
                                  gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
-        for j in range(n - 1):  # tile j+1's QK runs during tile j's softmax
+        for j in range(n - 1):  # full tiles: tile j+1's QK runs during tile j's softmax
             nxt = t0 + j + 1
-            mbarrier.wait(bars.index(nxt % STAGES), (nxt // STAGES) & 1)
-            s_next = hopper.warpgroup_mma(q_s, k_s.index(nxt % STAGES).permute((1, 0)),
-                                          gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), is_async=True)
+            if not MASKED:
+                mbarrier.wait(bars.index(nxt % STAGES), (nxt // STAGES) & 1)
+                s_next = hopper.warpgroup_mma(q_s, k_s.index(nxt % STAGES).permute((1, 0)),
+                                              gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), is_async=True)
             p, alpha, m_i, l_i = _tile_softmax(s, ckt, m_i, l_i, mask_args, qk_scale, MASKED, BLOCK_N, p_layout,
                                                dtype)
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             acc = hopper.warpgroup_mma(p, v_s.index((t0 + j) % STAGES), acc, is_async=True)
-            s, acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[s_next, acc])
+            if MASKED:  # one tile at a time: a second score tile in flight would not fit next to the mask's
+                acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+                mbarrier.wait(bars.index(nxt % STAGES), (nxt // STAGES) & 1)
+                s = hopper.warpgroup_mma(q_s, k_s.index(nxt % STAGES).permute((1, 0)),
+                                         gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
+            else:
+                s, acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[s_next, acc])
             if j + STAGES < n:  # tile j's slot is free again
                 _load_tile(descs_k, descs_v, k_s, v_s, bars, t0 + j + STAGES, lkt, from_copy, k_row, k_col, v_row,
                            v_col, c_row, BLOCK_N, STAGES)
@@ -332,6 +342,6 @@ def launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len
 
 def _register_cap() -> dict:
     """Launch options of SPARSE_VDIT_GLUON=r128: at most 128 registers a thread, so two CTAs share an
-    SM at d = 64 (the dense prototype's 126-register loop ran two; this kernel's masked loop takes
-    207 uncapped, and capped it spills there, 2 spill instructions in the full tiles' loop)."""
+    SM at d = 64 (the dense prototype's 126-register loop ran two; this kernel takes 217 uncapped, for
+    its masked loop; capped, that loop spills 66 instructions, the full tiles' loop 2)."""
     return {"maxnreg": 128} if os.environ.get("SPARSE_VDIT_GLUON") == "r128" else {}

@@ -57,16 +57,17 @@ def test_gluon_kernel_compiles_for_sm90_with_the_overlapped_loop():
         assert got["shared"] <= 232448 and 2 * d * (128 + 2 * stages * bn) <= SMEM_BUDGET
         assert got["advisories"] == []  # e.g. C7514: ptxas serializing every wgmma
         assert len(got["loops"]) == 2, got["loops"]  # the full tiles' loop, then the masked tiles' loop
-        for length, spills, order in got["loops"]:
-            names = [name for name, _ in order]
-            hgmma = sum(n for name, n in order if name == "HGMMA")
-            last_exp2 = len(names) - 1 - names[::-1].index("EX2")
-            # one QK (d / 16 wgmmas a warpgroup) and one PV (bn / 16) a tile, the next tile's QK issued
-            # before this tile's softmax ends, one wgmma wait, then the refill's TMA loads (from the
-            # inputs or from copies: 2 each)
-            assert hgmma == d // 16 + bn // 16, order
-            assert "HGMMA" in names[:last_exp2], order
-            assert names.count("wait") == 1 and order[-2:] == [["wait", 1], ["TMA", 4]], order
+        (_, _, full), (_, _, masked) = got["loops"]
+        for order in (full, masked):  # one QK (d / 16 wgmmas a warpgroup) and one PV (bn / 16) a tile,
+            # then the refill's TMA loads (from the inputs or from copies: 2 each)
+            assert sum(n for name, n in order if name == "HGMMA") == d // 16 + bn // 16, order
+            assert order[-2:] == [["wait", 1], ["TMA", 4]], order
+        # full tiles: the next tile's QK issued before this tile's softmax ends, one wgmma wait
+        names = [name for name, _ in full]
+        assert "HGMMA" in names[:len(names) - 1 - names[::-1].index("EX2")] and names.count("wait") == 1, full
+        # masked tiles one at a time: softmax, PV, wait, the next QK, wait, the refill
+        assert masked == [["EX2", bn // 2 + 2], ["HGMMA", bn // 16], ["wait", 1], ["HGMMA", d // 16], ["wait", 1],
+                          ["TMA", 4]], masked
         full_loop_spills = got["loops"][0][1]
         if (d, bn) != (128, 128):  # 128-key tiles at d = 128 spill (255 registers)
             assert full_loop_spills == 0 and got["loops"][1][1] == 0 and got["stack"] == 0, (d, bn)
