@@ -167,7 +167,8 @@ def _attend_kind(m_i, l_i, acc, t0, ring, walk, mask_args, qk_scale, MASKED: gl.
                 _load_tile(descs_k, descs_v, k_s, v_s, bars, t0 + j + STAGES, lkt, from_copy, k_row, k_col, v_row,
                            v_col, c_row, BLOCK_N, STAGES)
                 lr, lkt, lb = _advance(RUNS, lr, lkt, lb, run_hi, first_cut_tile, MASKED)
-            cr, ckt, cb = _advance(RUNS, cr, ckt, cb, run_hi, first_cut_tile, MASKED)
+            if MASKED:  # only the mask needs the tile being computed
+                cr, ckt, cb = _advance(RUNS, cr, ckt, cb, run_hi, first_cut_tile, MASKED)
         p, alpha, m_i, l_i = _tile_softmax(s, ckt, m_i, l_i, mask_args, qk_scale, MASKED, BLOCK_N, p_layout, dtype)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         acc = hopper.warpgroup_mma(p, v_s.index((t0 + n - 1) % STAGES), acc, is_async=True)
