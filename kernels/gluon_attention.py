@@ -33,12 +33,13 @@ from .triton_attention import (_NEG_BIG, _first_cut_tile, _masked_scores, _q_til
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 SMEM_BUDGET = 227 * 1024 - 2048  # of the 227 KB a block may use on sm_90: Q and the K/V ring (barriers: the rest)
+TWO_CTA_BUDGET = 228 * 1024 // 2 - 1024 - 128  # half an SM's 228 KB, less the 1 KB a CTA reserves and barriers
 MAX_STAGES = 6
 
 
-def stages_for(block_m: int, block_n: int, head_dim: int, elem_bytes: int = 2) -> int:
-    """K/V ring slots that fit the shared-memory budget next to the Q tile (at most MAX_STAGES)."""
-    free = SMEM_BUDGET - block_m * head_dim * elem_bytes
+def stages_for(block_m: int, block_n: int, head_dim: int, elem_bytes: int = 2, budget: int = SMEM_BUDGET) -> int:
+    """K/V ring slots that fit `budget` bytes of shared memory next to the Q tile (at most MAX_STAGES)."""
+    free = budget - block_m * head_dim * elem_bytes
     return max(2, min(MAX_STAGES, free // (2 * block_n * head_dim * elem_bytes)))
 
 
@@ -337,12 +338,15 @@ def launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len
         active_heads.numel(), *work, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
         qk_scale, *box_layouts(frames, height, width), n_slots,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
-        STAGES=stages_for(block_m, block_n, D, qb.element_size()), num_warps=8, **_register_cap())
+        num_warps=8, **_occupancy(block_m, block_n, D, qb.element_size()))
     return True
 
 
-def _register_cap() -> dict:
-    """Launch options of SPARSE_VDIT_GLUON=r128: at most 128 registers a thread, so two CTAs share an
-    SM at d = 64 (the dense prototype's 126-register loop ran two; this kernel takes 217 uncapped, for
-    its masked loop; capped, that loop spills 66 instructions, the full tiles' loop 2)."""
-    return {"maxnreg": 128} if os.environ.get("SPARSE_VDIT_GLUON") == "r128" else {}
+def _occupancy(block_m: int, block_n: int, head_dim: int, elem_bytes: int) -> dict:
+    """STAGES and register cap: as many K/V slots as a block may hold, or with SPARSE_VDIT_GLUON=r128
+    at most 128 registers a thread and half an SM's shared memory, so two CTAs share an SM (the dense
+    prototype's 126-register d = 64 loop ran two; this kernel takes 217 registers uncapped, for its
+    masked loop; attention run L, call 6: capped, 28% faster on a dense layer at d = 64)."""
+    if os.environ.get("SPARSE_VDIT_GLUON") == "r128":
+        return {"STAGES": stages_for(block_m, block_n, head_dim, elem_bytes, TWO_CTA_BUDGET), "maxnreg": 128}
+    return {"STAGES": stages_for(block_m, block_n, head_dim, elem_bytes)}
