@@ -55,7 +55,7 @@ from triton.experimental.gluon.language.nvidia import hopper
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-from .kernel_sass import disassemble, instruction_name, kernel_loops, loop_table
+from .kernel_sass import disassemble, innermost_loops, instruction_name, kernel_loops, loop_table
 
 LOG2E = 1.4426950408889634
 
@@ -377,35 +377,13 @@ def loop_order(body: list[str], marks=_ORDER_MARKS) -> list[tuple[str, int]]:
     return runs
 
 
-# nvdisasm's lines: "/*0a10*/  INSTRUCTION ;", ".L_x_12:" labels, branches "BRA `(.L_x_12)"
-_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
-_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
-_SASS_BRANCH = re.compile(r"\bBRA\b.*?(\.L_x_\d+)")
-
-
 def loader_loops(sass: str) -> list[list[str]]:
-    """The innermost loops that issue TMA loads and no MMA (SCHEDULE 2's loader warp), found as
-    kernel_sass.kernel_loops finds the MMA loops: a label, a backward branch to it, no EXIT between."""
-    labels, instructions, pending = {}, [], []
-    for line in sass.splitlines():
-        label = _SASS_LABEL.match(line)
-        if label:
-            pending.append(label.group(1))
-            continue
-        match = _SASS_INSTRUCTION.match(line)
-        if match:
-            labels.update((name, len(instructions)) for name in pending)
-            pending = []
-            instructions.append(match.group(1))
-    spans = []
-    for end, instruction in enumerate(instructions):
-        branch = _SASS_BRANCH.search(instruction)
-        start = labels.get(branch.group(1), end + 1) if branch else end + 1
-        names = [instruction_name(i) for i in instructions[start:end + 1]]
-        if (any(n.startswith("UTMALDG") for n in names) and not any(n.startswith(("HGMMA", "EXIT")) for n in names)):
-            spans.append((start, end))
-    return [instructions[a:b + 1] for a, b in spans
-            if not any((a, b) != (c, d) and a <= c and d <= b for c, d in spans)]
+    """The innermost loops that issue TMA loads and no MMA (SCHEDULE 2's loader warp)."""
+    def is_loader(body):
+        names = [instruction_name(i) for i in body]
+        return any(n.startswith("UTMALDG") for n in names) and not any(n.startswith(("HGMMA", "EXIT")) for n in names)
+
+    return innermost_loops(sass, is_loader)
 
 
 def _bar_threads(instruction: str) -> str:

@@ -45,9 +45,9 @@ def _opcode(instruction: str) -> str:
     return instruction_name(instruction).split(".")[0]
 
 
-def kernel_loops(sass: str) -> list[list[str]]:
-    """The instructions of every innermost k-tile loop (label ... backward branch to it, holding
-    tensor-core instructions) of a disassembly, in order."""
+def innermost_loops(sass: str, is_loop) -> list[list[str]]:
+    """The instructions of every innermost loop (label ... backward branch to it) of a disassembly
+    whose body `is_loop(body)` accepts, in order."""
     labels, instructions, pending = {}, [], []
     for line in sass.splitlines():
         label = _LABEL.match(line)
@@ -63,14 +63,19 @@ def kernel_loops(sass: str) -> list[list[str]]:
     for end, instruction in enumerate(instructions):
         branch = _BRANCH.search(instruction)
         start = labels.get(branch.group(1), end + 1) if branch else end + 1
-        body = instructions[start:end + 1]
-        # a span holding EXIT is no loop: an out-of-line block after the exit branching back into one
-        if (start <= end and any(_opcode(i) in ("HGMMA", "HMMA") for i in body)
-                and not any(_opcode(i) == "EXIT" for i in body)):
+        if start <= end and is_loop(instructions[start:end + 1]):
             spans.append((start, end))
-    # innermost: no other tensor-core loop inside (outer loops repeat their bodies)
+    # innermost: no other accepted loop inside (outer loops repeat their bodies)
     return [instructions[a:b + 1] for a, b in spans
             if not any((a, b) != (c, d) and a <= c and d <= b for c, d in spans)]
+
+
+def kernel_loops(sass: str) -> list[list[str]]:
+    """The instructions of every innermost k-tile loop (holding tensor-core instructions) of a
+    disassembly, in order. A span holding EXIT is no loop: an out-of-line block after the exit
+    branching back into one."""
+    return innermost_loops(sass, lambda body: any(_opcode(i) in ("HGMMA", "HMMA") for i in body)
+                           and not any(_opcode(i) == "EXIT" for i in body))
 
 
 def loop_table(body: list[str]) -> dict:

@@ -28,8 +28,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-from .triton_attention import (_NEG_BIG, _first_cut_tile, _masked_scores, _q_tile_rows, _query_box, _row_view,
-                               _to_logical, _work_item)
+from .triton_attention import (_NEG_BIG, _masked_scores, _program_setup, _query_box, _row_view, _to_logical)
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 SMEM_BUDGET = 227 * 1024 - 2048  # of the 227 KB a block may use on sm_90: Q and the K/V ring (barriers: the rest)
@@ -199,18 +198,9 @@ def gluon_sparse_fwd(
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [nw, 1], [1, 0])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
-    pid_m, a = _work_item(gl.program_id(0), n_active, n_q, n_lead, trail_start)
-    b = gl.program_id(1).to(gl.int64)
-    h = gl.load(ACTIVE + a).to(gl.int64)
-    rule = RULES + h * 16
-    order = gl.load(rule + 0)
-    row_base = gl.load(rule + 1)
-    if HAS_KV_LEN:
-        kv_end = gl.minimum(gl.load(KV_LEN + b), L)
-    else:
-        kv_end = L
-    first_cut_tile = _first_cut_tile(order, kv_end, prefix, N, P, BLOCK_N)
-    m_start, m_end = _q_tile_rows(pid_m, q_cut1, q_cut2, L, BLOCK_M)
+    (pid_m, b, h, rule, order, row_base, kv_end, first_cut_tile, m_start, m_end) = _program_setup(
+        RULES, ACTIVE, KV_LEN, n_active, q_cut1, q_cut2, n_q, n_lead, trail_start, L, prefix, N, P, BLOCK_M,
+        BLOCK_N, HAS_KV_LEN)
 
     # Q rows (gathered through the head's order) into shared memory, once
     rows = m_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))

@@ -516,6 +516,27 @@ def _q_tile_rows(t, cut1, cut2, L, BLOCK_M: tl.constexpr):
     return start, end
 
 
+@triton.jit
+def _program_setup(RULES, ACTIVE, KV_LEN, n_active, q_cut1, q_cut2, n_q, n_lead, trail_start, L, prefix, N, P,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV_LEN: tl.constexpr):
+    """This program's work, shared by the Triton and Gluon kernels: (q-tile, sample, head, the head's
+    rule row, its ORDER and ROW_BASE, the sample's live key end, the first cut k-tile, the q-tile's
+    first row and end)."""
+    pid_m, a = _work_item(tl.program_id(0), n_active, n_q, n_lead, trail_start)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.load(ACTIVE + a).to(tl.int64)
+    rule = RULES + h * 16
+    order = tl.load(rule + 0)
+    row_base = tl.load(rule + 1)
+    if HAS_KV_LEN:
+        kv_end = tl.minimum(tl.load(KV_LEN + b), L)
+    else:
+        kv_end = L
+    m_start, m_end = _q_tile_rows(pid_m, q_cut1, q_cut2, L, BLOCK_M)
+    return (pid_m, b, h, rule, order, row_base, kv_end, _first_cut_tile(order, kv_end, prefix, N, P, BLOCK_N),
+            m_start, m_end)
+
+
 # work_bucket (bit length of the program count), density_bucket (the layer's visited-tile density,
 # log2 steps), has_desc, has_cube_copies and paired_tiles are only autotune keys: the best load path,
 # run walk and warps/stages depend on how many programs fill the GPU and how many runs and partial
@@ -540,18 +561,9 @@ def _sparse_attention_fwd(
     HAS_KV_LEN: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, MERGED_CUBE: tl.constexpr,
     PAIRED: tl.constexpr,
 ):
-    pid_m, a = _work_item(tl.program_id(0), n_active, n_q, n_lead, trail_start)
-    b = tl.program_id(1).to(tl.int64)
-    h = tl.load(ACTIVE + a).to(tl.int64)
-    rule = RULES + h * 16
-    order = tl.load(rule + 0)
-    row_base = tl.load(rule + 1)
-    if HAS_KV_LEN:
-        kv_end = tl.minimum(tl.load(KV_LEN + b), L)
-    else:
-        kv_end = L
-    first_cut_tile = _first_cut_tile(order, kv_end, prefix, N, P, BLOCK_N)
-    m_start, m_end = _q_tile_rows(pid_m, q_cut1, q_cut2, L, BLOCK_M)
+    (pid_m, b, h, rule, order, row_base, kv_end, first_cut_tile, m_start, m_end) = _program_setup(
+        RULES, ACTIVE, KV_LEN, n_active, q_cut1, q_cut2, n_q, n_lead, trail_start, L, prefix, N, P, BLOCK_M,
+        BLOCK_N, HAS_KV_LEN)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q_valid = offs_m < m_end
