@@ -10,9 +10,10 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import apply_rotary_emb, get_3d_rotary_pos_embed
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
+from ..kernels.rotary import rotate_pairs
 from ..strategies.geometry import VideoGeometry
 from .common import InstalledSites, SiteContext, SiteProcessor, install_sites
 
@@ -65,10 +66,11 @@ class CogVideoXSelfAttention(SiteProcessor):
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        if image_rotary_emb is not None:
-            q[:, :, n_text:] = apply_rotary_emb(q[:, :, n_text:], image_rotary_emb)
-            if not attn.is_cross_attention:
-                k[:, :, n_text:] = apply_rotary_emb(k[:, :, n_text:], image_rotary_emb)
+        if image_rotary_emb is not None:  # in place on the video rows, as the stock processor does
+            cos, sin = (t.to(q.device) for t in image_rotary_emb)
+            for x in (q, k) if not attn.is_cross_attention else (q,):
+                video = x[:, :, n_text:].transpose(1, 2)
+                rotate_pairs(video, cos, sin, out=video)
 
         def dense(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import apply_rotary_emb
 
+from ..kernels.rotary import rotate_pairs
 from ..strategies.geometry import VideoGeometry
 from .common import InstalledSites, SiteContext, SiteProcessor, install_sites
 
@@ -84,8 +84,11 @@ def _qkv(x: torch.Tensor, heads: int, projections, norm_q, norm_k) -> tuple[torc
 def _rotate_video(x: torch.Tensor, rope, n_text: int) -> torch.Tensor:
     """RoPE on the video rows of `[B, L, H, D]`; the last `n_text` rows (text) stay as they are."""
     if n_text == 0:
-        return apply_rotary_emb(x, rope, sequence_dim=1)
-    return torch.cat([apply_rotary_emb(x[:, :-n_text], rope, sequence_dim=1), x[:, -n_text:]], dim=1)
+        return rotate_pairs(x, *rope)
+    out = torch.empty_like(x)
+    rotate_pairs(x[:, :-n_text], *rope, out=out[:, :-n_text])
+    out[:, -n_text:] = x[:, -n_text:]
+    return out
 
 
 def hunyuan_sites(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+from ..kernels.rotary import rotate_pairs
 from ..strategies.geometry import VideoGeometry
 from .common import InstalledSites, SiteContext, SiteProcessor, install_sites
 
@@ -27,17 +28,6 @@ def wan_geometry(latent_shape: Sequence[int], patch_size: Sequence[int], prefix:
     return VideoGeometry(frames=t // pt, height=h // ph, width=w // pw, prefix=prefix)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's RoPE on interleaved (even, odd) channel pairs of `[B, L, H, D]`."""
-    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = cos[..., 0::2]
-    sin = sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = even * cos - odd * sin
-    out[..., 1::2] = even * sin + odd * cos
-    return out.type_as(x)
-
-
 class WanSelfAttention(SiteProcessor):
     """Processor of `blocks[layer].attn1`: the stock Wan math with attention through the controller."""
 
@@ -51,9 +41,9 @@ class WanSelfAttention(SiteProcessor):
         q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
         k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
         v = v.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            q = _rotate(q, *rotary_emb)
-            k = _rotate(k, *rotary_emb)
+        if rotary_emb is not None:  # (cos, sin) [1, L, 1, D]
+            cos, sin = (t[0, :, 0] for t in rotary_emb)
+            q, k = rotate_pairs(q, cos, sin, "wan"), rotate_pairs(k, cos, sin, "wan")
 
         def dense(q, k, v):
             return dispatch_attention_fn(

@@ -2,7 +2,7 @@
 # One lent-H200 call that refreshes the benchmarks not yet measured (BENCHMARKS.md, "Next GPU
 # session"), each step time-boxed so a slow one cannot eat the others; logs and tables under $OUT.
 # Run from the repository root with the diffusers wheel in .whl/ (carry .whl):
-#   bash bench/gpu_session.sh [attention engine tma profile paired gluon gluon_sparse e2e search quality parity]
+#   bash bench/gpu_session.sh [attention engine tma profile paired gluon gluon_sparse rotary e2e search quality parity]
 set -uo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -57,7 +57,10 @@ for step in ${steps[*]}; do
                timeout "${GS_WAN_SECONDS:-250}" python3 -m sparse_vdit.bench.attention --shapes wan14b \
                  --densities 0.1,0.5 --families diagonal,multi_diagonal --tiles "${GS_WAN_TILES:-128x64}" --baselines cudnn \
                  --flex-shapes "" --gluon --out "$OUT/gluon_wan" ;;
-    e2e)       timeout "${E2E_SECONDS:-300}" python3 -m sparse_vdit.bench.e2e --models "${E2E_MODELS:-hunyuan,cogvideox,wan13b}" \
+    rotary)    # the one-pass RoPE kernel: bit-identity at real sizes, then its time against diffusers' math
+               timeout 120 python3 -m pytest -q tests/gpu/test_rotary_gpu.py
+               timeout 120 python3 -m sparse_vdit.bench.rotary --out "$OUT/rotary.md" ;;
+    e2e)       timeout "${E2E_SECONDS:-300}" python3 -m sparse_vdit.bench.e2e --models "${E2E_MODELS:-hunyuan,cogvideox,wan13b}" --repeats "${E2E_REPEATS:-1}" \
                  --out "$OUT/e2e.md" ;;
     search)    timeout "${SEARCH_SECONDS:-120}" python3 -m sparse_vdit.bench.search --out "$OUT/search.md" ;;
     quality)   timeout "${QUALITY_SECONDS:-300}" python3 -m sparse_vdit.bench.search_quality --targets 4,3,6,10 --out "$OUT/search_quality.md" ;;
@@ -66,7 +69,7 @@ for step in ${steps[*]}; do
                PYTHONPATH=$PYTHONPATH:$PWD/.comfy/ComfyUI COMFYUI_ROOT=$PWD/.comfy/ComfyUI timeout "${PARITY_SECONDS:-280}" \
                  python3 -m sparse_vdit.bench.comfyui_parity --model wan13b --repeats 5 --warmup 2 \
                  --budget "${PARITY_BUDGET:-170}" --out "$OUT/comfyui_parity.md" ;;
-    *) echo "unknown step $step (attention engine tma profile paired gluon gluon_sparse e2e search quality parity)"; exit 2 ;;
+    *) echo "unknown step $step (attention engine tma profile paired gluon gluon_sparse rotary e2e search quality parity)"; exit 2 ;;
   esac 2>&1 | tee "$OUT/$step.log" | grep -E "^\||rror" || true
 done
 # at most 8 files come back: everything goes home as one archive

@@ -23,30 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .interpreter_fix import INTERPRET as _INTERPRET
 from .rule import CUBE, FRAME_MAJOR, SPACE_MAJOR, physical_to_logical
 from .tables import KernelTables, q_tile_bounds
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.0 / math.log(2.0)
 _NEG_BIG = tl.constexpr(-1.0e30)  # running max start: finite, so fully masked tiles never make NaN
-
-
-def _fix_interpreter_scalar_index() -> None:
-    """Under TRITON_INTERPRET, make runtime loop bounds work with numpy >= 2.4 (triton issue 9171:
-    the interpreter's scalars are 1-element arrays, which numpy 2.4 refuses to convert by int())."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patch(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patch
-
-
-if _INTERPRET:
-    _fix_interpreter_scalar_index()
 
 
 def _parse_configs(text: str) -> tuple:
@@ -667,12 +649,25 @@ def _tma_enabled() -> bool:
     return os.environ.get("SPARSE_VDIT_TMA", "1") != "0"
 
 
-def _gluon_enabled(q: torch.Tensor, block_m: int) -> bool:
-    """Whether this launch may run the Gluon kernel (kernels/gluon_attention.py): SPARSE_VDIT_GLUON=1
-    (or r128: with at most 128 registers a thread), an sm_90 GPU, fp16/bf16, 128-row q-tiles. Off by
-    default until it is measured faster."""
-    return (os.environ.get("SPARSE_VDIT_GLUON", "0") in ("1", "r128") and q.is_cuda and block_m == 128
-            and q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device) == (9, 0))
+GLUON_TRITON = (3, 6)  # the Triton release the Gluon kernel is built and tested with (its API moves)
+
+
+def _gluon_mode(q: torch.Tensor, block_m: int) -> Optional[str]:
+    """Which Gluon kernel (kernels/gluon_attention.py) this launch runs, or None for the Triton one.
+    SPARSE_VDIT_GLUON: 0 never, 1 uncapped, r128 at most 128 registers a thread; unset (auto): r128 at
+    head_dim 64, where attention run M measured it faster than the Triton kernel in every CogVideoX1.5
+    row, and none at 128, where it was slower. Only on sm_90 with fp16/bf16, 128-row q-tiles and, in
+    auto, Triton 3.6."""
+    import triton
+
+    if not (q.is_cuda and block_m == 128 and q.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(q.device) == (9, 0)):
+        return None
+    mode = os.environ.get("SPARSE_VDIT_GLUON", "auto")
+    if mode == "auto":
+        tested = tuple(int(x) for x in triton.__version__.split(".")[:2]) == GLUON_TRITON
+        return "r128" if tested and q.shape[-1] == 64 else None
+    return mode if mode in ("1", "r128") else None
 
 
 def _tuned_choice(variable: str) -> int:
@@ -782,12 +777,13 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     N = frames * P
     order = work_order(prefix, N, L, block_m, segment_q_tiles)
     grid = (order[2] * n_active, B)  # (q-tile, head) work items, `_work_item`
-    if _gluon_enabled(q, block_m):
+    gluon = _gluon_mode(q, block_m)
+    if gluon is not None:
         from .gluon_attention import launch_gluon
 
         with torch.cuda.device(q.device):
             if launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len, cube_map, geometry,
-                            block_m, block_n, scale * _LOG2E, permuted, order, grid):
+                            block_m, block_n, scale * _LOG2E, permuted, order, grid, gluon == "r128"):
                 return
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     descs = None

@@ -20,6 +20,8 @@ def test_reference_path_and_tiles_work_when_triton_cannot_be_imported():
         plan = compile_layer((Diagonal(0.5),), geom, block_m=64, block_n=64, device="cpu")
         out = plan.run(q, q, q, layout="bhld", backend="reference")
         assert out.shape == q.shape and torch.isfinite(out).all()
+        from sparse_vdit.kernels.rotary import rotate_pairs
+        assert torch.equal(rotate_pairs(q.transpose(1, 2), torch.ones(40, 64), torch.zeros(40, 64)), q.transpose(1, 2))
         print("ok")
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
