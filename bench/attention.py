@@ -15,9 +15,11 @@ sm, cube) and the full / partial tile counts. --cube-walks also times every laye
 heads under each walk the autotuner chooses between (SPARSE_VDIT_MERGED_CUBE=0 and =only), as
 extra rows named "... [loop per run]" and "... [merged walk]"; --paired-tiles times every row, dense
 included, with full tiles one and two a step (SPARSE_VDIT_PAIRED_TILES=0 and =only), as rows named
-"... [single tiles]" and "... [paired tiles]"; --gluon times every row with the Gluon kernel
-(kernels/gluon_attention.py, SPARSE_VDIT_GLUON=1 and =r128) too, as rows named "... [gluon]" and
-"... [gluon r128]".
+"... [single tiles]" and "... [paired tiles]"; --gluon times every row with the Triton kernel and
+with the Gluon kernel (kernels/gluon_attention.py) uncapped and capped at 128 registers
+(SPARSE_VDIT_GLUON=0, =1 and =r128) too, as rows named "... [triton]", "... [gluon]" and
+"... [gluon r128]"; the rows without a bracket run the product's default (Gluon r128 at head_dim 64 on
+sm_90, the Triton kernel otherwise).
 
 Prints a markdown table last and writes it (and the rows as JSON) to --out (default $OUT or .).
 Every row is also logged as it is measured (attention_log.txt); `--table-from LOG` prints the table
@@ -220,13 +222,14 @@ def mixed_layer(heads: int, geom: VideoGeometry) -> tuple:
 
 CUBE_WALKS = (("0", "loop per run"), ("only", "merged walk"))  # SPARSE_VDIT_MERGED_CUBE values
 PAIRINGS = (("0", "single tiles"), ("only", "paired tiles"))  # SPARSE_VDIT_PAIRED_TILES values
+GLUON_MODES = (("0", "triton"), ("1", "gluon"), ("r128", "gluon r128"))  # SPARSE_VDIT_GLUON values
 
 
 def forced_choices(tables, cube_walks: bool, paired_tiles: bool, gluon: bool = False) -> list:
     """(environment variable, value, row label) of each forced kernel choice a layer's row is also
     timed under: the cube-order walks where its tables have cube-order heads, the full-tile pairings,
     the Gluon kernel."""
-    forced = [("SPARSE_VDIT_GLUON", "1", "gluon"), ("SPARSE_VDIT_GLUON", "r128", "gluon r128")] if gluon else []
+    forced = [("SPARSE_VDIT_GLUON", mode, label) for mode, label in GLUON_MODES] if gluon else []
     if cube_walks and tables.uses_cube_order():
         forced += [("SPARSE_VDIT_MERGED_CUBE", mode, label) for mode, label in CUBE_WALKS]
     if paired_tiles:
@@ -408,7 +411,7 @@ def main(argv=None) -> None:
     ap.add_argument("--paired-tiles", action="store_true",
                     help="also time every row with full tiles one and two a step")
     ap.add_argument("--gluon", action="store_true",
-                    help="also time every row with the Gluon kernel (SPARSE_VDIT_GLUON=1)")
+                    help="also time every row with each kernel: Triton, Gluon, Gluon r128 (SPARSE_VDIT_GLUON)")
     ap.add_argument("--quick", action="store_true",
                     help="wan13b,cogvideox; local_window at 0.1,0.3; cuDNN baseline; no Flex")
     ap.add_argument("--table-from", metavar="LOG",

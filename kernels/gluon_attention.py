@@ -20,8 +20,6 @@ on the CPU it compiles for sm_90 (`compile_sm90`), on the GPU tests/gpu checks i
 
 from __future__ import annotations
 
-import os
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -302,10 +300,12 @@ def compile_sm90(head_dim: int = 128, block_m: int = 128, block_n: int = 128, st
 
 
 def launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len, cube_map, geometry: list[int],
-                 block_m: int, block_n: int, qk_scale: float, permuted, work: tuple[int, ...], grid) -> bool:
+                 block_m: int, block_n: int, qk_scale: float, permuted, work: tuple[int, ...], grid,
+                 capped: bool) -> bool:
     """Launch `gluon_sparse_fwd` on [B, H, L, D] views (`triton_attention.launch_sparse_attention`'s
-    arguments; `work` from `work_order`, qk_scale including log2 e); False, launching nothing, when a
-    K/V view or a permuted head's copy gets no TMA descriptor (the Triton kernel then gathers)."""
+    arguments; `work` from `work_order`, qk_scale including log2 e; `capped`: at most 128 registers a
+    thread, `_occupancy`); False, launching nothing, when a K/V view or a permuted head's copy gets no
+    TMA descriptor (the Triton kernel then gathers)."""
     from .triton_attention import _physical_order_copies, box_layouts
 
     descs = (row_descriptor(kb, block_n), row_descriptor(vb, block_n))
@@ -328,15 +328,15 @@ def launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len
         active_heads.numel(), *work, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
         qk_scale, *box_layouts(frames, height, width), n_slots,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
-        num_warps=8, **_occupancy(block_m, block_n, D, qb.element_size()))
+        num_warps=8, **_occupancy(block_m, block_n, D, qb.element_size(), capped))
     return True
 
 
-def _occupancy(block_m: int, block_n: int, head_dim: int, elem_bytes: int) -> dict:
-    """STAGES and register cap: as many K/V slots as a block may hold, or with SPARSE_VDIT_GLUON=r128
-    at most 128 registers a thread and half an SM's shared memory, so two CTAs share an SM (the dense
-    prototype's 126-register d = 64 loop ran two; this kernel takes 217 registers uncapped, for its
-    masked loop; attention run L, call 6: capped, 28% faster on a dense layer at d = 64)."""
-    if os.environ.get("SPARSE_VDIT_GLUON") == "r128":
+def _occupancy(block_m: int, block_n: int, head_dim: int, elem_bytes: int, capped: bool) -> dict:
+    """STAGES and register cap: as many K/V slots as a block may hold, or `capped` at most 128
+    registers a thread and half an SM's shared memory, so two CTAs share an SM (uncapped this kernel
+    takes 217 registers, for its masked loop; attention run M: capped 28% faster on CogVideoX1.5's
+    dense layer at d = 64, 9% slower on Wan2.1-14B's at d = 128)."""
+    if capped:
         return {"STAGES": stages_for(block_m, block_n, head_dim, elem_bytes, TWO_CTA_BUDGET), "maxnreg": 128}
     return {"STAGES": stages_for(block_m, block_n, head_dim, elem_bytes)}

@@ -52,5 +52,6 @@ def test_forced_choices_follow_the_flags_and_the_tables():
                                                           ("SPARSE_VDIT_PAIRED_TILES", "only", "paired tiles")]
     assert [c[0] for c in attention.forced_choices(cube, True, True)] == ["SPARSE_VDIT_MERGED_CUBE"] * 2 + [
         "SPARSE_VDIT_PAIRED_TILES"] * 2
-    assert attention.forced_choices(band, False, False, gluon=True) == [("SPARSE_VDIT_GLUON", "1", "gluon"),
+    assert attention.forced_choices(band, False, False, gluon=True) == [("SPARSE_VDIT_GLUON", "0", "triton"),
+                                                                     ("SPARSE_VDIT_GLUON", "1", "gluon"),
                                                                      ("SPARSE_VDIT_GLUON", "r128", "gluon r128")]

@@ -76,11 +76,30 @@ def test_gluon_kernel_compiles_for_sm90_with_the_overlapped_loop():
             assert full_loop_spills == 0 and got["loops"][1][1] == 0 and got["stack"] == 0, (d, bn)
 
 
-def test_gluon_kernel_is_only_chosen_on_sm90_when_asked(monkeypatch):
-    from sparse_vdit.kernels.triton_attention import _gluon_enabled
+@pytest.mark.parametrize("env,capability,head_dim,dtype,triton_version,expected", [
+    (None, (9, 0), 64, torch.bfloat16, "3.6.0", "r128"),     # auto: measured faster at d = 64
+    (None, (9, 0), 128, torch.bfloat16, "3.6.0", None),      # auto: slower at d = 128
+    (None, (9, 0), 64, torch.bfloat16, "3.5.1", None),       # auto only on the Triton it is tested with
+    (None, (8, 9), 64, torch.float16, "3.6.0", None),        # not sm_90
+    (None, (9, 0), 64, torch.float32, "3.6.0", None),        # no fp32 wgmma path
+    ("0", (9, 0), 64, torch.bfloat16, "3.6.0", None),
+    ("1", (9, 0), 128, torch.bfloat16, "3.6.0", "1"),
+    ("r128", (9, 0), 128, torch.float16, "3.6.0", "r128"),
+])
+def test_gluon_kernel_choice(env, capability, head_dim, dtype, triton_version, expected, monkeypatch):
+    import types
 
-    q = torch.zeros(1, 1, 16, 64, dtype=torch.bfloat16)
-    monkeypatch.setenv("SPARSE_VDIT_GLUON", "1")
-    assert not _gluon_enabled(q, 128)  # a CPU tensor
-    monkeypatch.setenv("SPARSE_VDIT_GLUON", "0")
-    assert not _gluon_enabled(q, 128)
+    import triton
+
+    from sparse_vdit.kernels.triton_attention import _gluon_mode
+
+    if env is None:
+        monkeypatch.delenv("SPARSE_VDIT_GLUON", raising=False)
+    else:
+        monkeypatch.setenv("SPARSE_VDIT_GLUON", env)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    q = types.SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 1, 16, head_dim), device="cuda:0")
+    assert _gluon_mode(q, 128) == expected
+    assert _gluon_mode(q, 64) is None  # 64-row q-tiles: the Triton kernel
+    assert _gluon_mode(torch.zeros(1, 1, 16, head_dim, dtype=dtype), 128) is None  # a CPU tensor

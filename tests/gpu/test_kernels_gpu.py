@@ -1,4 +1,6 @@
-"""Triton sparse attention on the GPU in bf16 at real frame sizes, against float32 on sampled rows."""
+"""Sparse attention on the GPU in bf16 at real frame sizes, against float32 on sampled rows: the Triton
+kernel in every test (SPARSE_VDIT_GLUON=0, although the product runs the Gluon kernel at head_dim 64
+on sm_90), the Gluon kernel in `test_gluon_kernel_matches_float32`."""
 
 import random
 
@@ -12,6 +14,9 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+@pytest.fixture(autouse=True)
+def _triton_kernel(monkeypatch):
+    monkeypatch.setenv("SPARSE_VDIT_GLUON", "0")
 
 
 def _layer_rules(F, H, W):
