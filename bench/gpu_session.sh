@@ -2,7 +2,7 @@
 # One lent-H200 call that refreshes the benchmarks not yet measured (BENCHMARKS.md, "Next GPU
 # session"), each step time-boxed so a slow one cannot eat the others; logs and tables under $OUT.
 # Run from the repository root with the diffusers wheel in .whl/ (carry .whl):
-#   bash bench/gpu_session.sh [attention engine tma profile paired gluon gluon_sparse rotary e2e search quality parity]
+#   bash bench/gpu_session.sh [tests attention engine tma profile paired gluon gluon_sparse rotary e2e search quality parity]
 set -uo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -12,6 +12,7 @@ nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv
 steps=("${@:-attention e2e search quality}")
 for step in ${steps[*]}; do
   case $step in
+    tests)     SPARSE_VDIT_TRITON_CONFIGS=8x3 timeout "${GPU_TEST_SECONDS:-200}" python3 -m pytest -q tests/gpu ;;
     attention) timeout 150 python3 -m sparse_vdit.bench.attention --quick --out "$OUT" ;;
     engine)    # GPU kernel tests, then every family at the two shapes with all dense baselines (~500 s)
                # (one config per key: the tests check results, and tuning every key ran past 180 s)
@@ -69,7 +70,7 @@ for step in ${steps[*]}; do
                PYTHONPATH=$PYTHONPATH:$PWD/.comfy/ComfyUI COMFYUI_ROOT=$PWD/.comfy/ComfyUI timeout "${PARITY_SECONDS:-280}" \
                  python3 -m sparse_vdit.bench.comfyui_parity --model wan13b --repeats 5 --warmup 2 \
                  --budget "${PARITY_BUDGET:-170}" --out "$OUT/comfyui_parity.md" ;;
-    *) echo "unknown step $step (attention engine tma profile paired gluon gluon_sparse rotary e2e search quality parity)"; exit 2 ;;
+    *) echo "unknown step $step (tests attention engine tma profile paired gluon gluon_sparse rotary e2e search quality parity)"; exit 2 ;;
   esac 2>&1 | tee "$OUT/$step.log" | grep -E "^\||rror" || true
 done
 # at most 8 files come back: everything goes home as one archive

@@ -39,6 +39,9 @@ def _rotate_pairs_kernel(X, OUT, COS, SIN, L, H, stride_xb, stride_xl, stride_xh
         tl.store(o_rows + h * stride_oh, out.to(OUT.dtype.element_ty), mask=inside)
 
 
+# launched as it is under torch.compile: dynamo would trace the launch (under TRITON_INTERPRET it fails
+# to), and its wrapper of user Triton kernels need not keep enable_fp_fusion=False
+@torch.compiler.disable
 def launch_rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, wan: bool) -> None:
     """Rotate x `[B, L, H, D]` into out (shapes checked by `rotary.rotate_pairs`)."""
     B, L, H, D = x.shape

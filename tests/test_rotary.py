@@ -39,6 +39,17 @@ def test_kernel_gives_the_torch_bits(select, dtype, shape, heads_first):
     assert torch.equal(in_place, expected)
 
 
+@needs_interpreter
+def test_kernel_under_torch_compile_gives_the_same_bits():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 21, 2, 64, generator=g).to(torch.float16)
+    cos, sin = _tables(21, 64, g, interleaved=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, cos, sin = x.to(device), cos.to(device), sin.to(device)
+    compiled = torch.compile(lambda x: rotate_pairs(x, cos, sin, "wan", use_kernel=True) * 1, backend="eager")
+    assert torch.equal(compiled(x), rotate_pairs_reference(x, cos, sin, "wan"))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_per_channel_matches_diffusers_apply_rotary_emb(dtype):
     from diffusers.models.embeddings import apply_rotary_emb
