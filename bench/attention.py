@@ -16,10 +16,10 @@ heads under each walk the autotuner chooses between (SPARSE_VDIT_MERGED_CUBE=0 a
 extra rows named "... [loop per run]" and "... [merged walk]"; --paired-tiles times every row, dense
 included, with full tiles one and two a step (SPARSE_VDIT_PAIRED_TILES=0 and =only), as rows named
 "... [single tiles]" and "... [paired tiles]"; --gluon times every row with the Triton kernel and
-with the Gluon kernel (kernels/gluon_attention.py) uncapped and capped at 128 registers
-(SPARSE_VDIT_GLUON=0, =1 and =r128) too, as rows named "... [triton]", "... [gluon]" and
-"... [gluon r128]"; the rows without a bracket run the product's default (Gluon r128 at head_dim 64 on
-sm_90, the Triton kernel otherwise).
+with the Gluon kernel (kernels/gluon_attention.py) uncapped, capped at 128 registers and
+warp-specialized (SPARSE_VDIT_GLUON=0, =1, =r128 and =ws) too, as rows named "... [triton]",
+"... [gluon]", "... [gluon r128]" and "... [gluon ws]"; the rows without a bracket run the
+product's default (Gluon r128 at head_dim 64 on sm_90, the Triton kernel otherwise).
 
 Prints a markdown table last and writes it (and the rows as JSON) to --out (default $OUT or .).
 Every row is also logged as it is measured (attention_log.txt); `--table-from LOG` prints the table
@@ -222,7 +222,7 @@ def mixed_layer(heads: int, geom: VideoGeometry) -> tuple:
 
 CUBE_WALKS = (("0", "loop per run"), ("only", "merged walk"))  # SPARSE_VDIT_MERGED_CUBE values
 PAIRINGS = (("0", "single tiles"), ("only", "paired tiles"))  # SPARSE_VDIT_PAIRED_TILES values
-GLUON_MODES = (("0", "triton"), ("1", "gluon"), ("r128", "gluon r128"))  # SPARSE_VDIT_GLUON values
+GLUON_MODES = (("0", "triton"), ("1", "gluon"), ("r128", "gluon r128"), ("ws", "gluon ws"))  # SPARSE_VDIT_GLUON
 
 
 def forced_choices(tables, cube_walks: bool, paired_tiles: bool, gluon: bool = False) -> list:
@@ -411,7 +411,7 @@ def main(argv=None) -> None:
     ap.add_argument("--paired-tiles", action="store_true",
                     help="also time every row with full tiles one and two a step")
     ap.add_argument("--gluon", action="store_true",
-                    help="also time every row with each kernel: Triton, Gluon, Gluon r128 (SPARSE_VDIT_GLUON)")
+                    help="also time every row with each kernel: Triton, Gluon, Gluon r128, Gluon ws (SPARSE_VDIT_GLUON)")
     ap.add_argument("--quick", action="store_true",
                     help="wan13b,cogvideox; local_window at 0.1,0.3; cuDNN baseline; no Flex")
     ap.add_argument("--table-from", metavar="LOG",

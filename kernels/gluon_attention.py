@@ -14,16 +14,21 @@ the Triton kernel) between their QK and softmax: a load walker keeps STAGES tile
 the compute walker across runs, so the pipeline drains twice per q-tile, not twice per run; only
 full tiles overlap the next QK with the softmax (masked tiles are few, and their mask needs the registers).
 Every head reads K/V by TMA: frame-major heads from the inputs, space-major and cube-order heads from
-their copies in physical order (`_physical_order_copies`). Gluon does not run under TRITON_INTERPRET;
+their copies in physical order (`_physical_order_copies`). Warp-specialized (WARP_SPEC, mode "ws"; the
+prototype's schedule 2, 0.977x cuDNN at d = 128), one loader warp walks the runs and issues every TMA
+load, each once the 8 consumer warps have freed its ring slot, so the consumers' full-tile loop holds no
+walker at all. Gluon does not run under TRITON_INTERPRET;
 on the CPU it compiles for sm_90 (`compile_sm90`), on the GPU tests/gpu checks it against the reference.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from .triton_attention import (_NEG_BIG, _masked_scores, _program_setup, _query_box, _row_view, _to_logical)
@@ -116,9 +121,17 @@ def _advance(RUNS, r, kt, b, run_hi, first_cut_tile, MASKED: gl.constexpr):
 
 
 @gluon.jit
+def _release(free, t, STAGES: gl.constexpr):
+    """Warp-specialized: this thread is done with ring use t's slot (the wgmma that read it retired): its
+    own arrival on the slot's "free" mbarrier (cp.async.mbarrier.arrive.noinc; Gluon's mbarrier.arrive
+    is one thread's, after a bar.sync of the partition)."""
+    async_copy.mbarrier_arrive(free.index(t % STAGES), increment_count=False)
+
+
+@gluon.jit
 def _attend_kind(m_i, l_i, acc, t0, ring, walk, mask_args, qk_scale, MASKED: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                 p_layout: gl.constexpr, dtype: gl.constexpr):
+                 p_layout: gl.constexpr, dtype: gl.constexpr, WARP_SPEC: gl.constexpr):
     """Fold the q-tile's tiles of one kind (full, or MASKED: partial and cut) into the online softmax, in
     one software-pipelined loop over all its runs: a load walker keeps STAGES tiles in flight; for full
     tiles, tile j+1's QK is issued before tile j's softmax and its PV after it, one wait a tile; masked
@@ -126,21 +139,24 @@ def _attend_kind(m_i, l_i, acc, t0, ring, walk, mask_args, qk_scale, MASKED: gl.
     score tile in flight made the 128-register cap spill 263 instructions (66 this way). Ring use number t0
     on (slot t % STAGES, phase t // STAGES) continues the previous kind's. Two loops, not one with a
     branch: the inlined mask code (and its loop invariants) took 221 registers and 2,249 instructions
-    a tile in the one loop, the full tiles' loop alone 127 and 366. Returns the state and the ring uses."""
-    (q_s, k_s, v_s, bars, descs_k, descs_v, from_copy, k_row, k_col, v_row, v_col, c_row) = ring
+    a tile in the one loop, the full tiles' loop alone 127 and 366. WARP_SPEC: the loads are the loader
+    partition's (`_load_tiles`); each slot is handed back on its "free" mbarrier once the wgmma wait that
+    retires its last reader has passed. Returns the state and the ring uses."""
+    (q_s, k_s, v_s, bars, free, descs_k, descs_v, from_copy, k_row, k_col, v_row, v_col, c_row) = ring
     (RUNS, run_lo, run_hi, first_cut_tile) = walk
     n = 0
     for r in range(run_lo, run_hi):
         a, b = _kind_bounds(RUNS, r, run_hi, first_cut_tile, MASKED)
         n += b - a
     if n > 0:
-        lr, lkt, lb = _seek(RUNS, run_lo, run_hi, first_cut_tile, MASKED)  # the load walker
+        lr, lkt, lb = _seek(RUNS, run_lo, run_hi, first_cut_tile, MASKED, MASKED or not WARP_SPEC)  # load walker
         cr, ckt, cb = lr, lkt, lb  # the compute walker
-        for t in gl.static_range(STAGES):
-            if t < n:
-                _load_tile(descs_k, descs_v, k_s, v_s, bars, t0 + t, lkt, from_copy, k_row, k_col, v_row, v_col,
-                           c_row, BLOCK_N, STAGES)
-                lr, lkt, lb = _advance(RUNS, lr, lkt, lb, run_hi, first_cut_tile, MASKED)
+        if not WARP_SPEC:
+            for t in gl.static_range(STAGES):
+                if t < n:
+                    _load_tile(descs_k, descs_v, k_s, v_s, bars, t0 + t, lkt, from_copy, k_row, k_col, v_row, v_col,
+                               c_row, BLOCK_N, STAGES)
+                    lr, lkt, lb = _advance(RUNS, lr, lkt, lb, run_hi, first_cut_tile, MASKED)
         mbarrier.wait(bars.index(t0 % STAGES), (t0 // STAGES) & 1)
         s = hopper.warpgroup_mma(q_s, k_s.index(t0 % STAGES).permute((1, 0)),
                                  gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
@@ -161,7 +177,9 @@ def _attend_kind(m_i, l_i, acc, t0, ring, walk, mask_args, qk_scale, MASKED: gl.
                                          gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
             else:
                 s, acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[s_next, acc])
-            if j + STAGES < n:  # tile j's slot is free again
+            if WARP_SPEC:  # tile j's slot is free again
+                _release(free, t0 + j, STAGES)
+            elif j + STAGES < n:
                 _load_tile(descs_k, descs_v, k_s, v_s, bars, t0 + j + STAGES, lkt, from_copy, k_row, k_col, v_row,
                            v_col, c_row, BLOCK_N, STAGES)
                 lr, lkt, lb = _advance(RUNS, lr, lkt, lb, run_hi, first_cut_tile, MASKED)
@@ -171,7 +189,52 @@ def _attend_kind(m_i, l_i, acc, t0, ring, walk, mask_args, qk_scale, MASKED: gl.
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         acc = hopper.warpgroup_mma(p, v_s.index((t0 + n - 1) % STAGES), acc, is_async=True)
         acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+        if WARP_SPEC:
+            _release(free, t0 + n - 1, STAGES)
     return m_i, l_i, acc, t0 + n
+
+
+@gluon.jit
+def _load_tiles(RUNS, run_lo, run_hi, first_cut_tile, k_s, v_s, bars, free, desc_k, desc_v, desc_ks, desc_vs,
+                from_copy, k_row, k_col, v_row, v_col, c_row, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The loader partition (one warp) of the warp-specialized kernel: every tile of the q-tile in the
+    consumers' order (full tiles of all runs, then the masked ones), each into the next ring slot once
+    the consumers have freed it (a slot's k-th refill waits for the k-th completion of its free
+    mbarrier; the first fill waits for parity 1, which a fresh mbarrier passes)."""
+    t = 0
+    for kind in gl.static_range(2):
+        for r in range(run_lo, run_hi):
+            a, b = _kind_bounds(RUNS, r, run_hi, first_cut_tile, kind == 1)
+            for kt in range(a, b):
+                mbarrier.wait(free.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
+                _load_tile((desc_k, desc_ks), (desc_v, desc_vs), k_s, v_s, bars, t, kt, from_copy, k_row, k_col,
+                           v_row, v_col, c_row, BLOCK_N, STAGES)
+                t += 1
+
+
+@triton.constexpr_function
+def _mma_layout(warps, columns):
+    """The wgmma accumulator layout of [BLOCK_M, columns] tiles, one warpgroup a 64-row slab."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, columns, 16])
+
+
+@gluon.jit
+def _consume(m_i, l_i, acc, ring, walk, mask_args, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+             HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WARP_SPEC: gl.constexpr):
+    """Both kinds of tiles into the online softmax, full ones first: (running sum, accumulator)."""
+    s_layout: gl.constexpr = _mma_layout(gl.num_warps(), BLOCK_N)
+    o_layout: gl.constexpr = _mma_layout(gl.num_warps(), HEAD_DIM)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    dtype: gl.constexpr = ring[0].dtype
+    m_i, l_i, acc, used = _attend_kind(m_i, l_i, acc, 0, ring, walk, mask_args, qk_scale, False, BLOCK_M, BLOCK_N,
+                                       STAGES, s_layout, o_layout, p_layout, dtype, WARP_SPEC)
+    m_i, l_i, acc, used = _attend_kind(m_i, l_i, acc, used, ring, walk, mask_args, qk_scale, True, BLOCK_M, BLOCK_N,
+                                       STAGES, s_layout, o_layout, p_layout, dtype, WARP_SPEC)
+    return l_i, acc
+
+
+# the loader warp's registers (setmaxnreg.dec); the consumer warps get what is left (bench/gluon_dense.py)
+LOADER_REGS = gl.constexpr(24)
 
 
 @gluon.jit(do_not_specialize=["n_active", "q_cut1", "q_cut2", "n_q", "n_lead", "trail_start", "L", "prefix", "F",
@@ -184,15 +247,12 @@ def gluon_sparse_fwd(
     L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale,
     win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard, n_slots,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_KV_LEN: gl.constexpr,
-    STAGES: gl.constexpr,
+    STAGES: gl.constexpr, WARP_SPEC: gl.constexpr,
 ):
     nw: gl.constexpr = gl.num_warps()
     dtype: gl.constexpr = Q.dtype.element_ty
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_layout: gl.constexpr = _mma_layout(nw, BLOCK_N)
+    o_layout: gl.constexpr = _mma_layout(nw, HEAD_DIM)
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [nw, 1], [1, 0])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
@@ -210,8 +270,11 @@ def gluon_sparse_fwd(
     k_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], DESC_K.layout)
     v_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], DESC_V.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    free = gl.allocate_shared_memory(gl.int64, [STAGES if WARP_SPEC else 1, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
+        if WARP_SPEC:  # a slot is free once every consumer thread has arrived
+            mbarrier.init(free.index(i), count=nw * 32)
     hopper.fence_async_shared()  # Q's stores and the initialised barriers, before the async proxy uses them
 
     rows_s = m_start + gl.arange(0, BLOCK_M, layout=row_layout)
@@ -233,13 +296,20 @@ def gluon_sparse_fwd(
     m_i = gl.full([BLOCK_M], _NEG_BIG, gl.float32, row_layout)
     l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    ring = (q_s, k_s, v_s, bars, descs_k, descs_v, from_copy, k_row, k_col, v_row, v_col, c_row)
+    ring = (q_s, k_s, v_s, bars, free, descs_k, descs_v, from_copy, k_row, k_col, v_row, v_col, c_row)
     walk = (RUNS, run_lo, run_hi, first_cut_tile)
     mask_args = (rule, lq_s, layout_args, order, CUBE_MAP, prefix, F, P, W, N, inv_F, inv_P, inv_W, kv_end)
-    m_i, l_i, acc, used = _attend_kind(m_i, l_i, acc, 0, ring, walk, mask_args, qk_scale, False, BLOCK_M, BLOCK_N,
-                                       STAGES, s_layout, o_layout, p_layout, dtype)
-    m_i, l_i, acc, used = _attend_kind(m_i, l_i, acc, used, ring, walk, mask_args, qk_scale, True, BLOCK_M, BLOCK_N,
-                                       STAGES, s_layout, o_layout, p_layout, dtype)
+    if WARP_SPEC:  # these warps consume (the default partition: a wgmma in a worker serializes them all)
+        l_i, acc = gl.warp_specialize([
+            (_consume, (m_i, l_i, acc, ring, walk, mask_args, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                        WARP_SPEC)),
+            (_load_tiles, (RUNS, run_lo, run_hi, first_cut_tile, k_s, v_s, bars, free, DESC_K, DESC_V, DESC_KS,
+                           DESC_VS, from_copy, k_row, k_col, v_row, v_col, c_row, BLOCK_N, STAGES)),
+        ], [1], [LOADER_REGS])
+        # (the free mbarriers are not invalidated: their last arrivals are asynchronous and nobody waits)
+    else:
+        l_i, acc = _consume(m_i, l_i, acc, ring, walk, mask_args, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                            WARP_SPEC)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
@@ -267,7 +337,7 @@ def row_descriptor(x, block_rows: int):
 
 
 def compile_sm90(head_dim: int = 128, block_m: int = 128, block_n: int = 128, stages: int | None = None,
-                 warps: int = 8, kv_len: bool = True, maxnreg: int | None = None):
+                 warps: int = 8, kv_len: bool = True, maxnreg: int | None = None, warp_spec: bool = False):
     """The sm_90 CompiledKernel of `gluon_sparse_fwd` (bf16), built on the CPU (no GPU needed)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -277,7 +347,8 @@ def compile_sm90(head_dim: int = 128, block_m: int = 128, block_n: int = 128, st
     stages = stages or stages_for(block_m, block_n, head_dim)
     desc = mangle_type(row_descriptor(torch.empty(1, 1, 1024, head_dim, dtype=torch.bfloat16), block_n))
     fn = gluon_sparse_fwd
-    const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len, STAGES=stages)
+    const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len, STAGES=stages,
+                 WARP_SPEC=warp_spec)
     signature = {}
     for name in fn.arg_names:
         if name in const:
@@ -301,11 +372,11 @@ def compile_sm90(head_dim: int = 128, block_m: int = 128, block_n: int = 128, st
 
 def launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len, cube_map, geometry: list[int],
                  block_m: int, block_n: int, qk_scale: float, permuted, work: tuple[int, ...], grid,
-                 capped: bool) -> bool:
+                 mode: str) -> bool:
     """Launch `gluon_sparse_fwd` on [B, H, L, D] views (`triton_attention.launch_sparse_attention`'s
-    arguments; `work` from `work_order`, qk_scale including log2 e; `capped`: at most 128 registers a
-    thread, `_occupancy`); False, launching nothing, when a K/V view or a permuted head's copy gets no
-    TMA descriptor (the Triton kernel then gathers)."""
+    arguments; `work` from `work_order`, qk_scale including log2 e; `mode` as `_occupancy` reads it);
+    False, launching nothing, when a K/V view or a permuted head's copy gets no TMA descriptor (the
+    Triton kernel then gathers)."""
     from .triton_attention import _physical_order_copies, box_layouts
 
     descs = (row_descriptor(kb, block_n), row_descriptor(vb, block_n))
@@ -328,15 +399,17 @@ def launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len
         active_heads.numel(), *work, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
         qk_scale, *box_layouts(frames, height, width), n_slots,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
-        num_warps=8, **_occupancy(block_m, block_n, D, qb.element_size(), capped))
+        num_warps=8, **_occupancy(block_m, block_n, D, qb.element_size(), mode))
     return True
 
 
-def _occupancy(block_m: int, block_n: int, head_dim: int, elem_bytes: int, capped: bool) -> dict:
-    """STAGES and register cap: as many K/V slots as a block may hold, or `capped` at most 128
-    registers a thread and half an SM's shared memory, so two CTAs share an SM (uncapped this kernel
-    takes 217 registers, for its masked loop; attention run M: capped 28% faster on CogVideoX1.5's
-    dense layer at d = 64, 9% slower on Wan2.1-14B's at d = 128)."""
-    if capped:
-        return {"STAGES": stages_for(block_m, block_n, head_dim, elem_bytes, TWO_CTA_BUDGET), "maxnreg": 128}
-    return {"STAGES": stages_for(block_m, block_n, head_dim, elem_bytes)}
+def _occupancy(block_m: int, block_n: int, head_dim: int, elem_bytes: int, mode: str) -> dict:
+    """STAGES, register cap and warp specialization of a mode: "1", as many K/V slots as a block may
+    hold (the kernel takes 217 registers, for its masked loop: one CTA an SM); "r128", at most 128
+    registers a thread and half an SM's shared memory, so two CTAs share an SM (attention run M: 28%
+    faster than "1" on CogVideoX1.5's dense layer at d = 64, 9% slower on Wan2.1-14B's at d = 128);
+    "ws", "1" with one loader warp feeding the 8 consumer warps (`_load_tiles`; not yet timed)."""
+    if mode == "r128":
+        return {"STAGES": stages_for(block_m, block_n, head_dim, elem_bytes, TWO_CTA_BUDGET), "maxnreg": 128,
+                "WARP_SPEC": False}
+    return {"STAGES": stages_for(block_m, block_n, head_dim, elem_bytes), "WARP_SPEC": mode == "ws"}

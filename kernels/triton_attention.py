@@ -654,7 +654,8 @@ GLUON_TRITON = (3, 6)  # the Triton release the Gluon kernel is built and tested
 
 def _gluon_mode(q: torch.Tensor, block_m: int) -> Optional[str]:
     """Which Gluon kernel (kernels/gluon_attention.py) this launch runs, or None for the Triton one.
-    SPARSE_VDIT_GLUON: 0 never, 1 uncapped, r128 at most 128 registers a thread; unset (auto): r128 at
+    SPARSE_VDIT_GLUON: 0 never, 1 uncapped, r128 at most 128 registers a thread, ws warp-specialized
+    (one loader warp; not yet timed); unset (auto): r128 at
     head_dim 64, where attention run M measured it faster than the Triton kernel in every CogVideoX1.5
     row, and none at 128, where it was slower. Only on sm_90 with fp16/bf16, 128-row q-tiles and, in
     auto, Triton 3.6."""
@@ -667,7 +668,7 @@ def _gluon_mode(q: torch.Tensor, block_m: int) -> Optional[str]:
     if mode == "auto":
         tested = tuple(int(x) for x in triton.__version__.split(".")[:2]) == GLUON_TRITON
         return "r128" if tested and q.shape[-1] == 64 else None
-    return mode if mode in ("1", "r128") else None
+    return mode if mode in ("1", "r128", "ws") else None
 
 
 def _tuned_choice(variable: str) -> int:
@@ -783,7 +784,7 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
 
         with torch.cuda.device(q.device):
             if launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len, cube_map, geometry,
-                            block_m, block_n, scale * _LOG2E, permuted, order, grid, gluon == "r128"):
+                            block_m, block_n, scale * _LOG2E, permuted, order, grid, gluon):
                 return
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     descs = None

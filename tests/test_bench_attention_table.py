@@ -54,4 +54,5 @@ def test_forced_choices_follow_the_flags_and_the_tables():
         "SPARSE_VDIT_PAIRED_TILES"] * 2
     assert attention.forced_choices(band, False, False, gluon=True) == [("SPARSE_VDIT_GLUON", "0", "triton"),
                                                                      ("SPARSE_VDIT_GLUON", "1", "gluon"),
-                                                                     ("SPARSE_VDIT_GLUON", "r128", "gluon r128")]
+                                                                     ("SPARSE_VDIT_GLUON", "r128", "gluon r128"),
+                                                                     ("SPARSE_VDIT_GLUON", "ws", "gluon ws")]

@@ -20,8 +20,8 @@ from sparse_vdit.bench.kernel_sass import disassemble, kernel_loops, loop_table
 from sparse_vdit.kernels.gluon_attention import compile_sm90
 
 out = []
-for d, bn, cap in json.loads(sys.argv[1]):
-    kernel = compile_sm90(head_dim=d, block_n=bn, maxnreg=cap)
+for d, bn, cap, ws in json.loads(sys.argv[1]):
+    kernel = compile_sm90(head_dim=d, block_n=bn, maxnreg=cap, warp_spec=ws)
     sass, registers, stack = disassemble(kernel)
     loops = [(len(body), loop_table(body)["spills"], loop_order(body)) for body in kernel_loops(sass)]
     with tempfile.TemporaryDirectory() as tmp:  # ptxas's advisories (Triton drops them), e.g. C7514
@@ -37,12 +37,14 @@ print(json.dumps(out))
 '''
 
 CASES = [(64, 64), (128, 64), (128, 128)]
-CAPPED = (64, 64, 128)  # SPARSE_VDIT_GLUON=r128: two CTAs an SM at d = 64 (6 slots in half an SM)
+CAPPED = (64, 64, 128, False)  # SPARSE_VDIT_GLUON=r128: two CTAs an SM at d = 64 (6 slots in half an SM)
+WARP_SPECIALIZED = [(128, 64, None, True), (64, 64, None, True)]  # SPARSE_VDIT_GLUON=ws
 
 
 def test_gluon_kernel_compiles_for_sm90_with_the_overlapped_loop():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([c + (None,) for c in CASES] + [CAPPED])],
+    cases = [c + (None, False) for c in CASES] + [CAPPED] + WARP_SPECIALIZED
+    run = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases)],
                          env=env, capture_output=True, text=True, timeout=900)
     if run.returncode and "not found" in run.stderr:
         pytest.skip("no ptxas / nvdisasm in this Triton install")
@@ -50,6 +52,7 @@ def test_gluon_kernel_compiles_for_sm90_with_the_overlapped_loop():
     from sparse_vdit.kernels.gluon_attention import SMEM_BUDGET, stages_for
 
     results = json.loads(run.stdout.splitlines()[-1])
+    warp_specialized = [results.pop() for _ in WARP_SPECIALIZED][::-1]
     capped = results.pop()
     assert capped["registers"] <= 128 and capped["advisories"] == [] and len(capped["loops"]) == 2
     from sparse_vdit.kernels.gluon_attention import TWO_CTA_BUDGET
@@ -74,6 +77,18 @@ def test_gluon_kernel_compiles_for_sm90_with_the_overlapped_loop():
         full_loop_spills = got["loops"][0][1]
         if (d, bn) != (128, 128):  # 128-key tiles at d = 128 spill (255 registers)
             assert full_loop_spills == 0 and got["loops"][1][1] == 0 and got["stack"] == 0, (d, bn)
+    # warp-specialized: the consumers' two loops load nothing (the loader warp does) and do not spill
+    for (d, bn, _, _), got in zip(WARP_SPECIALIZED, warp_specialized):
+        assert got["advisories"] == [] and len(got["loops"]) == 2, got
+        (_, full_spills, full), (_, masked_spills, masked) = got["loops"]
+        assert full_spills == 0 and masked_spills == 0, got["loops"]
+        for order in (full, masked):
+            assert sum(n for name, n in order if name == "HGMMA") == d // 16 + bn // 16, order
+            assert "TMA" not in [name for name, _ in order], order
+        names = [name for name, _ in full]
+        assert "HGMMA" in names[:len(names) - 1 - names[::-1].index("EX2")] and names.count("wait") == 1, full
+        assert masked == [["EX2", bn // 2 + 2], ["HGMMA", bn // 16], ["wait", 1], ["HGMMA", d // 16], ["wait", 1]], \
+            masked
 
 
 @pytest.mark.parametrize("env,capability,head_dim,dtype,triton_version,expected", [
@@ -85,6 +100,8 @@ def test_gluon_kernel_compiles_for_sm90_with_the_overlapped_loop():
     ("0", (9, 0), 64, torch.bfloat16, "3.6.0", None),
     ("1", (9, 0), 128, torch.bfloat16, "3.6.0", "1"),
     ("r128", (9, 0), 128, torch.float16, "3.6.0", "r128"),
+    ("ws", (9, 0), 128, torch.bfloat16, "3.6.0", "ws"),
+    ("2", (9, 0), 64, torch.bfloat16, "3.6.0", None),         # an unknown mode: the Triton kernel
 ])
 def test_gluon_kernel_choice(env, capability, head_dim, dtype, triton_version, expected, monkeypatch):
     import types

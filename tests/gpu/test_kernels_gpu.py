@@ -80,7 +80,8 @@ def test_register_capped_config_matches_float32(merged, monkeypatch):
 
 @pytest.mark.parametrize("tiles", [(128, 64), (128, 128)], ids=["128x64", "128x128"])
 @pytest.mark.parametrize("geom", GEOMS, ids=["P1560", "P3600", "P4080"])
-@pytest.mark.parametrize("head_dim, layout, mode", [(128, "bhld", "1"), (64, "blhd", "1"), (64, "blhd", "r128")])
+@pytest.mark.parametrize("head_dim, layout, mode", [(128, "bhld", "1"), (64, "blhd", "1"), (64, "blhd", "r128"),
+                                                    (128, "bhld", "ws"), (64, "blhd", "ws")])
 def test_gluon_kernel_matches_float32(geom, head_dim, layout, mode, tiles, monkeypatch):
     from sparse_vdit.kernels import gluon_attention as G
 
