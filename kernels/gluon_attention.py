@@ -141,7 +141,9 @@ def _attend_kind(m_i, l_i, acc, t0, ring, walk, mask_args, qk_scale, MASKED: gl.
     branch: the inlined mask code (and its loop invariants) took 221 registers and 2,249 instructions
     a tile in the one loop, the full tiles' loop alone 127 and 366. WARP_SPEC: the loads are the loader
     partition's (`_load_tiles`); each slot is handed back on its "free" mbarrier once the wgmma wait that
-    retires its last reader has passed. Returns the state and the ring uses."""
+    retires its last reader has passed, and full tiles leave PV(j) running into softmax(j + 1) (the
+    consumers have 240 registers; the prototype gained 7% at d = 128 so), freeing tile j's slot a tile
+    later. Returns the state and the ring uses."""
     (q_s, k_s, v_s, bars, free, descs_k, descs_v, from_copy, k_row, k_col, v_row, v_col, c_row) = ring
     (RUNS, run_lo, run_hi, first_cut_tile) = walk
     n = 0
@@ -157,9 +159,14 @@ def _attend_kind(m_i, l_i, acc, t0, ring, walk, mask_args, qk_scale, MASKED: gl.
                     _load_tile(descs_k, descs_v, k_s, v_s, bars, t0 + t, lkt, from_copy, k_row, k_col, v_row, v_col,
                                c_row, BLOCK_N, STAGES)
                     lr, lkt, lb = _advance(RUNS, lr, lkt, lb, run_hi, first_cut_tile, MASKED)
+        # warp-specialized full tiles leave PV(j) running into softmax(j + 1) (the prototype's schedule 2)
+        OVERLAP_PV: gl.constexpr = WARP_SPEC and not MASKED
         mbarrier.wait(bars.index(t0 % STAGES), (t0 // STAGES) & 1)
         s = hopper.warpgroup_mma(q_s, k_s.index(t0 % STAGES).permute((1, 0)),
                                  gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
+        if OVERLAP_PV:  # acc is carried between iterations as the token of an unwaited PV
+            acc = hopper.warpgroup_mma_init(acc)
+            p_prev = gl.zeros([BLOCK_M, BLOCK_N], dtype, p_layout)  # PV(j-1)'s register operand
         for j in range(n - 1):  # full tiles: tile j+1's QK runs during tile j's softmax
             nxt = t0 + j + 1
             if not MASKED:
@@ -168,24 +175,34 @@ def _attend_kind(m_i, l_i, acc, t0, ring, walk, mask_args, qk_scale, MASKED: gl.
                                               gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), is_async=True)
             p, alpha, m_i, l_i = _tile_softmax(s, ckt, m_i, l_i, mask_args, qk_scale, MASKED, BLOCK_N, p_layout,
                                                dtype)
+            if OVERLAP_PV:  # one wait(0) retires QK(j+1) and PV(j-1), whose slot is then free
+                s, acc, p_prev = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[s_next, acc, p_prev])
+                if j > 0:
+                    _release(free, nxt - 2, STAGES)
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             acc = hopper.warpgroup_mma(p, v_s.index((t0 + j) % STAGES), acc, is_async=True)
-            if MASKED:  # one tile at a time: a second score tile in flight would not fit next to the mask's
+            if OVERLAP_PV:
+                p_prev = p  # live until the next wait
+            elif MASKED:  # one tile at a time: a second score tile in flight would not fit next to the mask's
                 acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
                 mbarrier.wait(bars.index(nxt % STAGES), (nxt // STAGES) & 1)
                 s = hopper.warpgroup_mma(q_s, k_s.index(nxt % STAGES).permute((1, 0)),
                                          gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
             else:
                 s, acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[s_next, acc])
-            if WARP_SPEC:  # tile j's slot is free again
+            if WARP_SPEC and not OVERLAP_PV:  # tile j's slot is free again
                 _release(free, t0 + j, STAGES)
-            elif j + STAGES < n:
+            elif not WARP_SPEC and j + STAGES < n:
                 _load_tile(descs_k, descs_v, k_s, v_s, bars, t0 + j + STAGES, lkt, from_copy, k_row, k_col, v_row,
                            v_col, c_row, BLOCK_N, STAGES)
                 lr, lkt, lb = _advance(RUNS, lr, lkt, lb, run_hi, first_cut_tile, MASKED)
             if MASKED:  # only the mask needs the tile being computed
                 cr, ckt, cb = _advance(RUNS, cr, ckt, cb, run_hi, first_cut_tile, MASKED)
         p, alpha, m_i, l_i = _tile_softmax(s, ckt, m_i, l_i, mask_args, qk_scale, MASKED, BLOCK_N, p_layout, dtype)
+        if OVERLAP_PV:
+            acc, p_prev = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_prev])
+            if n > 1:
+                _release(free, t0 + n - 2, STAGES)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         acc = hopper.warpgroup_mma(p, v_s.index((t0 + n - 1) % STAGES), acc, is_async=True)
         acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])

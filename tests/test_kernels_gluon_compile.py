@@ -77,7 +77,8 @@ def test_gluon_kernel_compiles_for_sm90_with_the_overlapped_loop():
         full_loop_spills = got["loops"][0][1]
         if (d, bn) != (128, 128):  # 128-key tiles at d = 128 spill (255 registers)
             assert full_loop_spills == 0 and got["loops"][1][1] == 0 and got["stack"] == 0, (d, bn)
-    # warp-specialized: the consumers' two loops load nothing (the loader warp does) and do not spill
+    # warp-specialized: the consumers' two loops load nothing (the loader warp does) and do not spill; full
+    # tiles leave PV in flight into the next tile's softmax
     for (d, bn, _, _), got in zip(WARP_SPECIALIZED, warp_specialized):
         assert got["advisories"] == [] and len(got["loops"]) == 2, got
         (_, full_spills, full), (_, masked_spills, masked) = got["loops"]
@@ -87,6 +88,7 @@ def test_gluon_kernel_compiles_for_sm90_with_the_overlapped_loop():
             assert "TMA" not in [name for name, _ in order], order
         names = [name for name, _ in full]
         assert "HGMMA" in names[:len(names) - 1 - names[::-1].index("EX2")] and names.count("wait") == 1, full
+        assert full[-1] == ["HGMMA", bn // 16], full  # PV(j) issued after the wait, left running into softmax(j+1)
         assert masked == [["EX2", bn // 2 + 2], ["HGMMA", bn // 16], ["wait", 1], ["HGMMA", d // 16], ["wait", 1]], \
             masked
 
