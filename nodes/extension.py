@@ -1,8 +1,11 @@
 """The ComfyExtension listing our nodes (called from the package's ``comfy_entrypoint``).
 
-ComfyUI older than 0.3.59 lacks the attention override our patch needs (and before 0.3.47 the
+ComfyUI older than 0.3.60 lacks the attention override our patch needs (and before 0.3.47 the
 V3 API): it gets one clear message, raised as a RuntimeError, which ComfyUI logs as a single
-"Error while calling comfy_entrypoint" line instead of a traceback.
+"Error while calling comfy_entrypoint" line instead of a traceback. The override ("Enable Runtime
+Selection of Attention Functions", #9639) was merged on 2025-09-12, two days after the v0.3.59 tag:
+v0.3.59 itself has no `wrap_attn` (checked in ComfyUI's git, and in a real v0.3.59 tree, which logs
+this message), v0.3.60 is the first release with it.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import logging
 
 log = logging.getLogger(__name__)
-MIN_COMFYUI = "0.3.59"
+MIN_COMFYUI = "0.3.60"
 TOO_OLD = (f"Sparse-vDiT needs ComfyUI >= {MIN_COMFYUI} (V3 node API and the attention override); "
            "this ComfyUI has {missing}. Update ComfyUI to use the Sparse-vDiT nodes.")
 

@@ -226,7 +226,7 @@ def test_too_old_comfyui_gets_one_clear_message(comfy, monkeypatch, missing):
         monkeypatch.delattr(comfy.attention, "wrap_attn")
     from sparse_vdit.nodes import extension
 
-    with pytest.raises(RuntimeError, match=r"needs ComfyUI >= 0\.3\.59.*Update ComfyUI"):
+    with pytest.raises(RuntimeError, match=r"needs ComfyUI >= 0\.3\.60.*Update ComfyUI"):
         asyncio.run(extension.make_extension())
 
 

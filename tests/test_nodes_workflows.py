@@ -12,7 +12,7 @@ from test_nodes import comfy, extension_nodes  # noqa: F401  (comfy: fixture)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOW_DIR = os.path.join(ROOT, "example_workflows")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-# ComfyUI core node ids the workflows may use (v0.3.59 .. current)
+# ComfyUI core node ids the workflows may use (v0.3.60 .. current)
 CORE_NODES = {"UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance",
               "ModelSamplingSD3", "EmptyHunyuanLatentVideo", "KSampler", "KSamplerAdvanced", "VAEDecode", "SaveAnimatedWEBP",
               "PreviewImage"}
