@@ -7,7 +7,7 @@ evaluates the same rule). Each sparse output is checked against float32 on sampl
 
     python3 -m sparse_vdit.bench.attention [--shapes wan13b,wan14b,hunyuan,cogvideox]
         [--densities 0.05,0.15,0.3,0.5] [--families local_window,...] [--tiles 128x64]
-        [--flex-shapes ...] [--cube-walks] [--paired-tiles] [--gluon] [--out DIR] [--quick]
+        [--flex-shapes ...] [--cube-walks] [--paired-tiles] [--gluon [MODES]] [--out DIR] [--quick]
 
 --quick: Wan2.1-1.3B and CogVideoX1.5, local windows only, densities 0.1 and 0.3, cuDNN baseline, no
 Flex (a few minutes of GPU time). Each sparse row's note names the head orders the plan chose (fm,
@@ -17,9 +17,10 @@ extra rows named "... [loop per run]" and "... [merged walk]"; --paired-tiles ti
 included, with full tiles one and two a step (SPARSE_VDIT_PAIRED_TILES=0 and =only), as rows named
 "... [single tiles]" and "... [paired tiles]"; --gluon times every row with the Triton kernel and
 with the Gluon kernel (kernels/gluon_attention.py) uncapped, capped at 128 registers and
-warp-specialized (SPARSE_VDIT_GLUON=0, =1, =r128 and =ws) too, as rows named "... [triton]",
-"... [gluon]", "... [gluon r128]" and "... [gluon ws]"; the rows without a bracket run the
-product's default (Gluon r128 at head_dim 64 on sm_90, the Triton kernel otherwise).
+warp-specialized (SPARSE_VDIT_GLUON=0, =1, =r128 and =ws; --gluon 0,ws times only those two) too,
+as rows named "... [triton]", "... [gluon]", "... [gluon r128]" and "... [gluon ws]"; the rows
+without a bracket run the product's default (Gluon r128 at head_dim 64 on sm_90, the Triton kernel
+otherwise).
 
 Prints a markdown table last and writes it (and the rows as JSON) to --out (default $OUT or .).
 Every row is also logged as it is measured (attention_log.txt); `--table-from LOG` prints the table
@@ -225,11 +226,11 @@ PAIRINGS = (("0", "single tiles"), ("only", "paired tiles"))  # SPARSE_VDIT_PAIR
 GLUON_MODES = (("0", "triton"), ("1", "gluon"), ("r128", "gluon r128"), ("ws", "gluon ws"))  # SPARSE_VDIT_GLUON
 
 
-def forced_choices(tables, cube_walks: bool, paired_tiles: bool, gluon: bool = False) -> list:
+def forced_choices(tables, cube_walks: bool, paired_tiles: bool, gluon: tuple[str, ...] = ()) -> list:
     """(environment variable, value, row label) of each forced kernel choice a layer's row is also
     timed under: the cube-order walks where its tables have cube-order heads, the full-tile pairings,
-    the Gluon kernel."""
-    forced = [("SPARSE_VDIT_GLUON", mode, label) for mode, label in GLUON_MODES] if gluon else []
+    the kernels of the `gluon` modes (SPARSE_VDIT_GLUON values)."""
+    forced = [("SPARSE_VDIT_GLUON", mode, label) for mode, label in GLUON_MODES if mode in gluon]
     if cube_walks and tables.uses_cube_order():
         forced += [("SPARSE_VDIT_MERGED_CUBE", mode, label) for mode, label in CUBE_WALKS]
     if paired_tiles:
@@ -253,7 +254,7 @@ def env_set(name: str, value: str):
 
 def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", dtype=torch.bfloat16,
                 use_flex: bool = True, baselines=("cudnn", "flash", "sage"), families=FAMILIES,
-                cube_walks: bool = False, paired_tiles: bool = False, gluon: bool = False) -> None:
+                cube_walks: bool = False, paired_tiles: bool = False, gluon: tuple[str, ...] = ()) -> None:
     """Time and check every variant at one (label, geometry, heads, head_dim); rows appended."""
     label, geom, H, D = shape
     L = geom.seq_len
@@ -410,8 +411,9 @@ def main(argv=None) -> None:
                     help="also time layers with cube-order heads under each cube-order walk")
     ap.add_argument("--paired-tiles", action="store_true",
                     help="also time every row with full tiles one and two a step")
-    ap.add_argument("--gluon", action="store_true",
-                    help="also time every row with each kernel: Triton, Gluon, Gluon r128, Gluon ws (SPARSE_VDIT_GLUON)")
+    ap.add_argument("--gluon", nargs="?", const=",".join(m for m, _ in GLUON_MODES), default="", metavar="MODES",
+                    help="also time every row with each kernel of these SPARSE_VDIT_GLUON modes (default all: "
+                         f"{', '.join(f'{m} = {label}' for m, label in GLUON_MODES)})")
     ap.add_argument("--quick", action="store_true",
                     help="wan13b,cogvideox; local_window at 0.1,0.3; cuDNN baseline; no Flex")
     ap.add_argument("--table-from", metavar="LOG",
@@ -428,6 +430,10 @@ def main(argv=None) -> None:
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise SystemExit(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
+    gluon_modes = tuple(m for m in args.gluon.split(",") if m)
+    unknown = sorted(set(gluon_modes) - {m for m, _ in GLUON_MODES})
+    if unknown:
+        raise SystemExit(f"unknown --gluon modes {unknown}; known: {', '.join(m for m, _ in GLUON_MODES)}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU")
     from ..kernels import preferred_tiles
@@ -452,7 +458,7 @@ def main(argv=None) -> None:
             use_flex = args.flex_shapes is None or key in args.flex_shapes.split(",")
             bench_shape(SHAPES[key], densities, tiles, rows, log, use_flex=use_flex,
                         baselines=args.baselines.split(","), families=families, cube_walks=args.cube_walks,
-                        paired_tiles=args.paired_tiles, gluon=args.gluon)
+                        paired_tiles=args.paired_tiles, gluon=gluon_modes)
         except Exception:
             log(traceback.format_exc())
         with open(os.path.join(args.out, "attention_rows.json"), "w") as fh:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from sparse_vdit.bench import attention
 
 
@@ -24,6 +26,7 @@ def test_table_from_a_log_keeps_every_row_and_skips_other_lines(tmp_path, capsys
 
 def test_env_set_restores_the_variable(monkeypatch):
     import os
+
 
     from sparse_vdit.bench.attention import env_set
 
@@ -52,7 +55,13 @@ def test_forced_choices_follow_the_flags_and_the_tables():
                                                           ("SPARSE_VDIT_PAIRED_TILES", "only", "paired tiles")]
     assert [c[0] for c in attention.forced_choices(cube, True, True)] == ["SPARSE_VDIT_MERGED_CUBE"] * 2 + [
         "SPARSE_VDIT_PAIRED_TILES"] * 2
-    assert attention.forced_choices(band, False, False, gluon=True) == [("SPARSE_VDIT_GLUON", "0", "triton"),
-                                                                     ("SPARSE_VDIT_GLUON", "1", "gluon"),
-                                                                     ("SPARSE_VDIT_GLUON", "r128", "gluon r128"),
-                                                                     ("SPARSE_VDIT_GLUON", "ws", "gluon ws")]
+    assert attention.forced_choices(band, False, False, gluon=("ws", "0")) == [("SPARSE_VDIT_GLUON", "0", "triton"),
+                                                                             ("SPARSE_VDIT_GLUON", "ws", "gluon ws")]
+    assert attention.forced_choices(band, False, False, gluon=("0", "1", "r128", "ws")) == [
+        ("SPARSE_VDIT_GLUON", "0", "triton"), ("SPARSE_VDIT_GLUON", "1", "gluon"),
+        ("SPARSE_VDIT_GLUON", "r128", "gluon r128"), ("SPARSE_VDIT_GLUON", "ws", "gluon ws")]
+
+
+def test_unknown_gluon_modes_are_refused():
+    with pytest.raises(SystemExit, match=r"unknown --gluon modes \['r64'\]"):
+        attention.main(["--gluon", "0,r64"])
