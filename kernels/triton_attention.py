@@ -16,6 +16,7 @@ import contextlib
 import functools
 import math
 import os
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -650,17 +651,22 @@ def _tma_enabled() -> bool:
 
 
 GLUON_TRITON = (3, 6)  # the Triton release the Gluon kernel is built and tested with (its API moves)
+GLUON_MODES = ("auto", "0", "1", "r128", "ws")
+
+
+@functools.cache
+def _warn_unknown_gluon_mode(mode: str) -> None:
+    warnings.warn(f"SPARSE_VDIT_GLUON={mode!r} is not one of {', '.join(GLUON_MODES)}: the Triton kernel runs",
+                  stacklevel=4)
 
 
 def _gluon_mode(q: torch.Tensor, block_m: int) -> Optional[str]:
     """Which Gluon kernel (kernels/gluon_attention.py) this launch runs, or None for the Triton one.
     SPARSE_VDIT_GLUON: 0 never, 1 uncapped, r128 at most 128 registers a thread, ws warp-specialized
-    (one loader warp; not yet timed); unset (auto): r128 at
-    head_dim 64, where attention run M measured it faster than the Triton kernel in every CogVideoX1.5
-    row, and none at 128, where it was slower. Only on sm_90 with fp16/bf16, 128-row q-tiles and, in
-    auto, Triton 3.6."""
-    import triton
-
+    (one loader warp; not yet timed); unset or auto: r128 at head_dim 64, where attention run M
+    measured it faster than the Triton kernel in every CogVideoX1.5 row, and none at 128, where it was
+    slower. Only on sm_90 with fp16/bf16, 128-row q-tiles and, in auto, Triton 3.6; another value warns
+    once and runs the Triton kernel."""
     if not (q.is_cuda and block_m == 128 and q.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return None
@@ -668,6 +674,8 @@ def _gluon_mode(q: torch.Tensor, block_m: int) -> Optional[str]:
     if mode == "auto":
         tested = tuple(int(x) for x in triton.__version__.split(".")[:2]) == GLUON_TRITON
         return "r128" if tested and q.shape[-1] == 64 else None
+    if mode not in GLUON_MODES:
+        _warn_unknown_gluon_mode(mode)
     return mode if mode in ("1", "r128", "ws") else None
 
 
