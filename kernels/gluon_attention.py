@@ -317,6 +317,9 @@ def gluon_sparse_fwd(
     walk = (RUNS, run_lo, run_hi, first_cut_tile)
     mask_args = (rule, lq_s, layout_args, order, CUBE_MAP, prefix, F, P, W, N, inv_F, inv_P, inv_W, kv_end)
     if WARP_SPEC:  # these warps consume (the default partition: a wgmma in a worker serializes them all)
+        # a full tile's slot is freed one tile late (PV left in flight), and the consumers wait for tile
+        # j + 1 before freeing tile j - 1: with 2 slots the loader would wait for them forever
+        gl.static_assert(STAGES >= 3, "the warp-specialized kernel needs 3 K/V slots or more")
         l_i, acc = gl.warp_specialize([
             (_consume, (m_i, l_i, acc, ring, walk, mask_args, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
                         WARP_SPEC)),
@@ -425,7 +428,8 @@ def _occupancy(block_m: int, block_n: int, head_dim: int, elem_bytes: int, mode:
     hold (the kernel takes 217 registers, for its masked loop: one CTA an SM); "r128", at most 128
     registers a thread and half an SM's shared memory, so two CTAs share an SM (attention run M: 28%
     faster than "1" on CogVideoX1.5's dense layer at d = 64, 9% slower on Wan2.1-14B's at d = 128);
-    "ws", "1" with one loader warp feeding the 8 consumer warps (`_load_tiles`; not yet timed)."""
+    "ws", "1" with one loader warp feeding the 8 consumer warps (`_load_tiles`; not yet timed; it
+    needs 3 slots, which every head_dim and tile shape of `preferred_tiles` leaves room for)."""
     if mode == "r128":
         return {"STAGES": stages_for(block_m, block_n, head_dim, elem_bytes, TWO_CTA_BUDGET), "maxnreg": 128,
                 "WARP_SPEC": False}

@@ -126,3 +126,13 @@ def test_gluon_kernel_choice(env, capability, head_dim, dtype, triton_version, e
         assert _gluon_mode(q, 128) == expected
     assert _gluon_mode(q, 64) is None  # 64-row q-tiles: the Triton kernel
     assert _gluon_mode(torch.zeros(1, 1, 16, head_dim, dtype=dtype), 128) is None  # a CPU tensor
+
+
+def test_warp_specialized_kernel_refuses_two_slots():
+    """With 2 slots its loader would wait forever (a slot is freed a tile late): a compile error, not a hang."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = ("from sparse_vdit.kernels.gluon_attention import compile_sm90\n"
+              "compile_sm90(head_dim=64, block_n=64, stages=2, warp_spec=True)")
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and "needs 3 K/V slots or more" in run.stderr, run.stderr[-2000:]
+
