@@ -52,9 +52,9 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
+from ..kernels.gluon_attention import LOADER_REGS, _release  # the product kernel's, shared
 from .kernel_sass import disassemble, innermost_loops, instruction_name, kernel_loops, loop_table
 
 LOG2E = 1.4426950408889634
@@ -114,14 +114,6 @@ def _load_kv(desc_k, desc_v, k_s, v_s, bars, tile, n_tiles, row0, STAGES: gl.con
         row = row0 + tile * desc_k.block_type.shape[0]
         tma.async_copy_global_to_shared(desc_k, [row, 0], bars.index(stage), k_s.index(stage))
         tma.async_copy_global_to_shared(desc_v, [row, 0], bars.index(stage), v_s.index(stage))
-
-
-@gluon.jit
-def _release(free_bars, tile, STAGES: gl.constexpr):
-    """SCHEDULE 2: this thread is done with tile `tile`'s ring slot (the wgmma that read it has retired): one
-    arrival, of every consumer thread, on the slot's "free" mbarrier. It is cp.async.mbarrier.arrive.noinc, a
-    thread's own arrival: Gluon's mbarrier.arrive is one thread's, after a bar.sync of the whole partition."""
-    async_copy.mbarrier_arrive(free_bars.index(tile % STAGES), increment_count=False)
 
 
 @gluon.jit
@@ -216,11 +208,6 @@ def _attend(desc_k, desc_v, q_s, k_s, v_s, q_bar, k_bars, v_bars, k_free, v_free
     return ((acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]).to(gl.bfloat16), )
 
 
-# SCHEDULE 2: the loader warp's registers (setmaxnreg.dec, the least there is). The default partition's count
-# is not an argument: Triton gives the consumer warps what is left of the 65,536 registers of 3 warpgroups (the
-# loader's warp takes one), setmaxnreg.inc 240 = (65,536 / 128 - 24) / 2 down to a multiple of 8, the most they
-# can have
-LOADER_REGS = gl.constexpr(24)
 
 
 @gluon.jit(do_not_specialize=["L"])

@@ -250,7 +250,9 @@ def _consume(m_i, l_i, acc, ring, walk, mask_args, qk_scale, BLOCK_M: gl.constex
     return l_i, acc
 
 
-# the loader warp's registers (setmaxnreg.dec); the consumer warps get what is left (bench/gluon_dense.py)
+# the loader warp's registers (setmaxnreg.dec, the least there is). The default partition's count is not
+# an argument: Triton gives the consumer warps what is left of the 65,536 registers of 3 warpgroups (the
+# loader's warp takes one), setmaxnreg.inc 240 = (65,536 / 128 - 24) / 2 down to a multiple of 8
 LOADER_REGS = gl.constexpr(24)
 
 
