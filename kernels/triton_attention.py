@@ -663,17 +663,17 @@ def _warn_unknown_gluon_mode(mode: str) -> None:
 def _gluon_mode(q: torch.Tensor, block_m: int) -> Optional[str]:
     """Which Gluon kernel (kernels/gluon_attention.py) this launch runs, or None for the Triton one.
     SPARSE_VDIT_GLUON: 0 never, 1 uncapped, r128 at most 128 registers a thread, ws warp-specialized
-    (one loader warp; not yet timed); unset or auto: r128 at head_dim 64, where attention run M
-    measured it faster than the Triton kernel in every CogVideoX1.5 row, and none at 128, where it was
-    slower. Only on sm_90 with fp16/bf16, 128-row q-tiles and, in auto, Triton 3.6; another value warns
-    once and runs the Triton kernel."""
+    (one loader warp); unset or auto: r128 at head_dim 64 (attention run M: faster than the Triton
+    kernel in every CogVideoX1.5 row) and ws at 128 (run N: faster in every Wan2.1-14B row). Only on
+    sm_90 with fp16/bf16, 128-row q-tiles and, in auto, Triton 3.6; another value warns once and runs
+    the Triton kernel."""
     if not (q.is_cuda and block_m == 128 and q.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return None
     mode = os.environ.get("SPARSE_VDIT_GLUON", "auto")
     if mode == "auto":
         tested = tuple(int(x) for x in triton.__version__.split(".")[:2]) == GLUON_TRITON
-        return "r128" if tested and q.shape[-1] == 64 else None
+        return {64: "r128", 128: "ws"}.get(q.shape[-1]) if tested else None
     if mode not in GLUON_MODES:
         _warn_unknown_gluon_mode(mode)
     return mode if mode in ("1", "r128", "ws") else None

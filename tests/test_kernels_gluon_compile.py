@@ -95,7 +95,8 @@ def test_gluon_kernel_compiles_for_sm90_with_the_overlapped_loop():
 
 @pytest.mark.parametrize("env,capability,head_dim,dtype,triton_version,expected", [
     (None, (9, 0), 64, torch.bfloat16, "3.6.0", "r128"),     # auto: measured faster at d = 64
-    (None, (9, 0), 128, torch.bfloat16, "3.6.0", None),      # auto: slower at d = 128
+    (None, (9, 0), 128, torch.bfloat16, "3.6.0", "ws"),      # auto: warp-specialized, faster at d = 128
+    (None, (9, 0), 128, torch.float16, "3.5.1", None),
     (None, (9, 0), 64, torch.bfloat16, "3.5.1", None),       # auto only on the Triton it is tested with
     (None, (8, 9), 64, torch.float16, "3.6.0", None),        # not sm_90
     (None, (9, 0), 64, torch.float32, "3.6.0", None),        # no fp32 wgmma path
