@@ -50,14 +50,16 @@ for step in ${steps[*]}; do
     gluon)     # the Gluon full-tile prototype (bench/gluon_dense.py): its GPU test, then timed against cuDNN
                timeout 120 python3 -m pytest -q tests/gpu/test_gluon_dense_gpu.py
                timeout "${GLUON_SECONDS:-120}" python3 -m sparse_vdit.bench.gluon_dense --out "$OUT/gluon_dense.md" ;;
-    gluon_sparse)  # the Gluon sparse kernel: its GPU tests, then every row timed under each GS_MODES kernel
-               SPARSE_VDIT_TRITON_CONFIGS=8x3 timeout 150 python3 -m pytest -q tests/gpu -k gluon_kernel
+    gluon_sparse)  # the Gluon sparse kernel: its GPU tests (GS_TESTS=0 skips them), then every row timed under each
+               # GS_MODES kernel
+               [ "${GS_TESTS:-1}" = 0 ] || SPARSE_VDIT_TRITON_CONFIGS=8x3 timeout 150 python3 -m pytest -q tests/gpu -k gluon_kernel
                timeout "${GS_COGX_SECONDS:-150}" python3 -m sparse_vdit.bench.attention --shapes cogvideox \
-                 --densities 0.1,0.3 --families diagonal,multi_diagonal,vertical_stripe --baselines cudnn \
-                 --flex-shapes "" --gluon "${GS_MODES:-0,1,r128,ws}" --out "$OUT/gluon_cogx"
+                 --densities "${GS_DENSITIES:-0.1,0.3}" --families "${GS_COGX_FAMILIES:-diagonal,multi_diagonal,vertical_stripe}" \
+                 --baselines cudnn --flex-shapes "" --gluon "${GS_MODES:-0,1,r128,ws}" --out "$OUT/gluon_cogx"
                timeout "${GS_WAN_SECONDS:-250}" python3 -m sparse_vdit.bench.attention --shapes wan14b \
-                 --densities 0.1,0.5 --families diagonal,multi_diagonal --tiles "${GS_WAN_TILES:-128x64}" --baselines cudnn \
-                 --flex-shapes "" --gluon "${GS_MODES:-0,1,r128,ws}" --out "$OUT/gluon_wan" ;;
+                 --densities "${GS_DENSITIES:-0.1,0.5}" --families "${GS_WAN_FAMILIES:-diagonal,multi_diagonal}" \
+                 --tiles "${GS_WAN_TILES:-128x64}" --baselines cudnn --flex-shapes "" --gluon "${GS_MODES:-0,1,r128,ws}" \
+                 --out "$OUT/gluon_wan" ;;
     rotary)    # the one-pass RoPE kernel: bit-identity at real sizes, then its time against diffusers' math
                timeout 120 python3 -m pytest -q tests/gpu/test_rotary_gpu.py
                timeout 120 python3 -m sparse_vdit.bench.rotary --out "$OUT/rotary.md" ;;

@@ -56,6 +56,7 @@ class KernelTables:
     cube_map: torch.Tensor | None = None
     density_bucket: int = 0  # autotune key only: round(-log2(visited-tile density)), 0 (dense) to 4
     segment_q_tiles: bool = True
+    masked_percent: int = 0  # kernel choice only: visited tiles that are masked (partial or cut), in percent
 
     @property
     def heads(self) -> int:
@@ -131,7 +132,7 @@ class KernelTables:
                             self.prefix, self.frames, self.height, self.width, self.seq_len,
                             self.block_m, self.block_n,
                             None if self.cube_map is None else self.cube_map.to(device), self.density_bucket,
-                            self.segment_q_tiles)
+                            self.segment_q_tiles, self.masked_percent)
 
     def validate(self, check_contents: bool = False) -> None:
         """Raise ValueError on bad shapes, dtypes, devices or geometry.
@@ -167,6 +168,8 @@ class KernelTables:
             raise ValueError(f"seq_len {self.seq_len} < prefix {self.prefix} + grid {self.grid_tokens}")
         if self.cube_map is not None and tuple(self.cube_map.shape) != (self.grid_tokens,):
             raise ValueError(f"cube_map must have shape ({self.grid_tokens},), got {tuple(self.cube_map.shape)}")
+        if not isinstance(self.masked_percent, int) or not 0 <= self.masked_percent <= 100:
+            raise ValueError(f"KernelTables.masked_percent must be an int in [0, 100], got {self.masked_percent!r}")
         if not isinstance(self.segment_q_tiles, bool):
             raise ValueError(f"KernelTables.segment_q_tiles must be a bool, got {self.segment_q_tiles!r}")
         for name in ("block_m", "block_n"):

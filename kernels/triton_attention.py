@@ -652,6 +652,7 @@ def _tma_enabled() -> bool:
 
 GLUON_TRITON = (3, 6)  # the Triton release the Gluon kernel is built and tested with (its API moves)
 GLUON_MODES = ("auto", "0", "1", "r128", "ws")
+GLUON_MASKED_PERCENT = 25  # auto picks the Triton kernel above this share of masked tiles (`_gluon_mode`)
 
 
 @functools.cache
@@ -660,20 +661,24 @@ def _warn_unknown_gluon_mode(mode: str) -> None:
                   stacklevel=4)
 
 
-def _gluon_mode(q: torch.Tensor, block_m: int) -> Optional[str]:
+def _gluon_mode(q: torch.Tensor, block_m: int, masked_percent: int = 0) -> Optional[str]:
     """Which Gluon kernel (kernels/gluon_attention.py) this launch runs, or None for the Triton one.
     SPARSE_VDIT_GLUON: 0 never, 1 uncapped, r128 at most 128 registers a thread, ws warp-specialized
     (one loader warp); unset or auto: r128 at head_dim 64 (attention run M: faster than the Triton
-    kernel in every CogVideoX1.5 row) and ws at 128 (run N: faster in every Wan2.1-14B row). Only on
-    sm_90 with fp16/bf16, 128-row q-tiles and, in auto, Triton 3.6; another value warns once and runs
-    the Triton kernel."""
+    kernel in every CogVideoX1.5 row) and ws at 128 (run N: faster in every Wan2.1-14B row), unless
+    more than GLUON_MASKED_PERCENT of the layer's visited tiles are masked: the Gluon kernel takes
+    masked tiles one at a time, and 3D-window layers with 37-94% of them ran 7-23% slower there (run
+    N). Only on sm_90 with fp16/bf16, 128-row q-tiles and, in auto, Triton 3.6; another value warns
+    once and runs the Triton kernel."""
     if not (q.is_cuda and block_m == 128 and q.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return None
     mode = os.environ.get("SPARSE_VDIT_GLUON", "auto")
     if mode == "auto":
         tested = tuple(int(x) for x in triton.__version__.split(".")[:2]) == GLUON_TRITON
-        return {64: "r128", 128: "ws"}.get(q.shape[-1]) if tested else None
+        if not tested or masked_percent > GLUON_MASKED_PERCENT:
+            return None
+        return {64: "r128", 128: "ws"}.get(q.shape[-1])
     if mode not in GLUON_MODES:
         _warn_unknown_gluon_mode(mode)
     return mode if mode in ("1", "r128", "ws") else None
@@ -766,14 +771,15 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                             geometry: list[int], block_m: int, block_n: int, layout: str,
                             scale: float, density_bucket: int = 0,
                             permuted: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
-                            segment_q_tiles: bool = True) -> None:
+                            segment_q_tiles: bool = True, masked_percent: int = 0) -> None:
     """Write sparse attention into `out` (same layout as q): skip heads zero-filled, active heads
     by the kernel. geometry = [prefix, frames, height, width]; cube_map is needed when a head runs
     in cube order (pass None otherwise: it also tells the autotuner whether cube-order walks
     matter); density_bucket (KernelTables.density_bucket) only keys the autotuning;
     permuted = (heads, slots, orders) from KernelTables.launch_heads lets space-major and
     cube-order heads load by TMA from copies of their K/V in their own order; segment_q_tiles is
-    the tables' q-tiling (tables.q_tile_bounds); inputs must already be validated."""
+    the tables' q-tiling (tables.q_tile_bounds); masked_percent (KernelTables.masked_percent) picks the
+    kernel (`_gluon_mode`); inputs must already be validated."""
     qb, kb, vb, ob = (_bhld(t, layout) for t in (q, k, v, out))
     B, _, L, D = qb.shape
     prefix, frames, height, width = geometry
@@ -786,7 +792,7 @@ def launch_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     N = frames * P
     order = work_order(prefix, N, L, block_m, segment_q_tiles)
     grid = (order[2] * n_active, B)  # (q-tile, head) work items, `_work_item`
-    gluon = _gluon_mode(q, block_m)
+    gluon = _gluon_mode(q, block_m, masked_percent)
     if gluon is not None:
         from .gluon_attention import launch_gluon
 
@@ -847,7 +853,7 @@ def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_
                         permuted_heads: Optional[torch.Tensor] = None,
                         permuted_slots: Optional[torch.Tensor] = None,
                         permuted_orders: Optional[torch.Tensor] = None,
-                        segment_q_tiles: bool = True) -> torch.Tensor:
+                        segment_q_tiles: bool = True, masked_percent: int = 0) -> torch.Tensor:
     """Custom-op form of `launch_sparse_attention` returning a new contiguous output."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     permuted = None
@@ -855,14 +861,15 @@ def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_
         permuted = (permuted_heads, permuted_slots, permuted_orders)
     launch_sparse_attention(q, k, v, out, head_rules, row_ptr, runs, active_heads, skip_heads, kv_len,
                             cube_map, geometry, block_m, block_n, layout, scale, density_bucket, permuted,
-                            segment_q_tiles)
+                            segment_q_tiles, masked_percent)
     return out
 
 
 @sparse_attention_op.register_fake
 def _sparse_attention_fake(q, k, v, head_rules, row_ptr, runs, active_heads, skip_heads, kv_len,
                            cube_map, geometry, block_m, block_n, layout, scale, density_bucket=0,
-                           permuted_heads=None, permuted_slots=None, permuted_orders=None, segment_q_tiles=True):
+                           permuted_heads=None, permuted_slots=None, permuted_orders=None, segment_q_tiles=True,
+                           masked_percent=0):
     return q.new_empty(q.shape)
 
 
@@ -882,4 +889,4 @@ def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
         q, k, v, tables.head_rules, tables.row_ptr, tables.runs, active, skip, kv_len, cube_map,
         [tables.prefix, tables.frames, tables.height, tables.width],
         tables.block_m, tables.block_n, layout, float(scale), tables.density_bucket,
-        permuted_heads, permuted_slots, permuted_orders, tables.segment_q_tiles)
+        permuted_heads, permuted_slots, permuted_orders, tables.segment_q_tiles, tables.masked_percent)

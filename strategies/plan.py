@@ -730,6 +730,15 @@ class LayerPlan:
     def heads(self) -> int:
         return len(self.patterns)
 
+    @property
+    def masked_share(self) -> float:
+        """The share of visited tiles that are masked (partial or cut), over non-skip heads (from the
+        two densities: cost counts a masked tile PARTIAL_TILE_COST full ones)."""
+        if self.tile_density <= 0:
+            return 0.0
+        share = (self.cost_density - self.tile_density) / ((PARTIAL_TILE_COST - 1) * self.tile_density)
+        return min(1.0, max(0.0, share))
+
     _split: tuple | None = field(default=None, init=False, repr=False)
 
     @property
@@ -746,7 +755,7 @@ class LayerPlan:
         bucket = min(4, max(0, round(-math.log2(max(self.tile_density, 1e-6)))))
         return KernelTables(head_rules, *pool_tensors, g.prefix, g.frames, g.height, g.width, g.seq_len,
                             self.pool.block_m, self.pool.block_n, self.pool.cube_map, bucket,
-                            self.pool.segment_q_tiles)
+                            self.pool.segment_q_tiles, round(100 * self.masked_share))
 
     @functools.cached_property
     def dense_heads(self) -> tuple[int, ...]:

@@ -127,6 +127,12 @@ def test_gluon_kernel_choice(env, capability, head_dim, dtype, triton_version, e
         assert _gluon_mode(q, 128) == expected
     assert _gluon_mode(q, 64) is None  # 64-row q-tiles: the Triton kernel
     assert _gluon_mode(torch.zeros(1, 1, 16, head_dim, dtype=dtype), 128) is None  # a CPU tensor
+    # a layer with more masked tiles than GLUON_MASKED_PERCENT (3D windows) gets the Triton kernel in auto;
+    # a forced mode ignores it
+    from sparse_vdit.kernels.triton_attention import GLUON_MASKED_PERCENT
+
+    assert _gluon_mode(q, 128, GLUON_MASKED_PERCENT) == expected
+    assert _gluon_mode(q, 128, GLUON_MASKED_PERCENT + 1) == (None if env is None else expected)
 
 
 def test_warp_specialized_kernel_refuses_two_slots():

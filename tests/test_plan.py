@@ -213,7 +213,7 @@ def test_threaded_classification_lays_out_the_pool_as_one_thread_does(monkeypatc
 
 def test_all_skip_layer_has_zero_tile_density():
     plan = compile_layer((Skip(), Skip()), GEOMS[1], 16, 16)
-    assert plan.tile_density == 0.0
+    assert plan.tile_density == 0.0 and plan.masked_share == 0.0 and plan.tables.masked_percent == 0
     plan.tables.validate(check_contents=True)
 
 
@@ -309,6 +309,8 @@ def test_window_heads_get_cube_order_with_fewer_partial_tiles():
         assert tile_cost(runs) < tile_cost(fm)
         assert plan.cost_density == pytest.approx(tile_cost(runs) / (nq * plan.tables.num_k_tiles))
         assert plan.tile_density == pytest.approx(visited_tiles(runs) / (nq * plan.tables.num_k_tiles))
+        masked = 1 - full_tiles(runs) / visited_tiles(runs)  # what picks the kernel (kernels._gluon_mode)
+        assert plan.masked_share == pytest.approx(masked) and plan.tables.masked_percent == round(100 * masked)
         plan.tables.validate()
         assert plan.tables.cube_map.dtype == torch.int32
         assert torch.equal(plan.tables.cube_map.long(), cube_order_map(g.frames, g.height, g.width))
