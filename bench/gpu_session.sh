@@ -2,7 +2,7 @@
 # One lent-H200 call that refreshes the benchmarks not yet measured (BENCHMARKS.md, "Next GPU
 # session"), each step time-boxed so a slow one cannot eat the others; logs and tables under $OUT.
 # Run from the repository root with the diffusers wheel in .whl/ (carry .whl):
-#   bash bench/gpu_session.sh [tests attention engine tma profile paired gluon gluon_sparse rotary e2e search quality parity]
+#   bash bench/gpu_session.sh [tests attention engine tma profile paired gluon gluon_sparse probe rotary e2e search quality parity]
 set -uo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -60,6 +60,11 @@ for step in ${steps[*]}; do
                  --densities "${GS_DENSITIES:-0.1,0.5}" --families "${GS_WAN_FAMILIES:-diagonal,multi_diagonal}" \
                  --tiles "${GS_WAN_TILES:-128x64}" --baselines cudnn --flex-shapes "" --gluon "${GS_MODES:-0,1,r128,ws}" \
                  --out "$OUT/gluon_wan" ;;
+    probe)     # what a masked tile and a program cost, in full tiles, on synthetic layers (bench/tile_cost_fit.py)
+               for shape in cogvideox wan14b; do
+                 timeout "${PROBE_SECONDS:-120}" python3 -m sparse_vdit.bench.tile_cost_fit --probe --shape $shape \
+                   --gluon "${PROBE_MODES:-0,auto}" --out "$OUT/probe_$shape.md"
+               done ;;
     rotary)    # the one-pass RoPE kernel: bit-identity at real sizes, then its time against diffusers' math
                timeout 120 python3 -m pytest -q tests/gpu/test_rotary_gpu.py
                timeout 120 python3 -m sparse_vdit.bench.rotary --out "$OUT/rotary.md" ;;
@@ -72,7 +77,7 @@ for step in ${steps[*]}; do
                PYTHONPATH=$PYTHONPATH:$PWD/.comfy/ComfyUI COMFYUI_ROOT=$PWD/.comfy/ComfyUI timeout "${PARITY_SECONDS:-280}" \
                  python3 -m sparse_vdit.bench.comfyui_parity --model wan13b --repeats 5 --warmup 2 \
                  --budget "${PARITY_BUDGET:-170}" --out "$OUT/comfyui_parity.md" ;;
-    *) echo "unknown step $step (tests attention engine tma profile paired gluon gluon_sparse rotary e2e search quality parity)"; exit 2 ;;
+    *) echo "unknown step $step (tests attention engine tma profile paired gluon gluon_sparse probe rotary e2e search quality parity)"; exit 2 ;;
   esac 2>&1 | tee "$OUT/$step.log" | grep -E "^\||rror" || true
 done
 # at most 8 files come back: everything goes home as one archive
