@@ -51,15 +51,15 @@ for step in ${steps[*]}; do
                timeout 120 python3 -m pytest -q tests/gpu/test_gluon_dense_gpu.py
                timeout "${GLUON_SECONDS:-120}" python3 -m sparse_vdit.bench.gluon_dense --out "$OUT/gluon_dense.md" ;;
     gluon_sparse)  # the Gluon sparse kernel: its GPU tests (GS_TESTS=0 skips them), then every row timed under each
-               # GS_MODES kernel
+               # GS_MODES kernel (GS_FLAGS: more bench/attention.py flags, e.g. --run-scan)
                [ "${GS_TESTS:-1}" = 0 ] || SPARSE_VDIT_TRITON_CONFIGS=8x3 timeout 150 python3 -m pytest -q tests/gpu -k gluon_kernel
                timeout "${GS_COGX_SECONDS:-150}" python3 -m sparse_vdit.bench.attention --shapes cogvideox \
                  --densities "${GS_DENSITIES:-0.1,0.3}" --families "${GS_COGX_FAMILIES:-diagonal,multi_diagonal,vertical_stripe}" \
-                 --baselines cudnn --flex-shapes "" --gluon "${GS_MODES:-0,1,r128,ws}" --out "$OUT/gluon_cogx"
+                 --baselines cudnn --flex-shapes "" --gluon "${GS_MODES:-0,1,r128,ws}" ${GS_FLAGS:-} --out "$OUT/gluon_cogx"
                timeout "${GS_WAN_SECONDS:-250}" python3 -m sparse_vdit.bench.attention --shapes wan14b \
                  --densities "${GS_DENSITIES:-0.1,0.5}" --families "${GS_WAN_FAMILIES:-diagonal,multi_diagonal}" \
                  --tiles "${GS_WAN_TILES:-128x64}" --baselines cudnn --flex-shapes "" --gluon "${GS_MODES:-0,1,r128,ws}" \
-                 --out "$OUT/gluon_wan" ;;
+                 ${GS_FLAGS:-} --out "$OUT/gluon_wan" ;;
     probe)     # what a masked tile and a program cost, in full tiles, on synthetic layers (bench/tile_cost_fit.py)
                for shape in cogvideox wan14b; do
                  timeout "${PROBE_SECONDS:-120}" python3 -m sparse_vdit.bench.tile_cost_fit --probe --shape $shape \

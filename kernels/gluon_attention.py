@@ -12,9 +12,11 @@ A program walks its q-tile's runs in two software-pipelined loops, the full tile
 partial and cut ones (kv_len, the sequence end) with the rule's mask (`_masked_scores`, shared with
 the Triton kernel) between their QK and softmax: a load walker keeps STAGES tiles in flight ahead of
 the compute walker across runs, so the pipeline drains twice per q-tile, not twice per run; only
-full tiles overlap the next QK with the softmax (masked tiles are few, and their mask needs the registers).
-Every head reads K/V by TMA: frame-major heads from the inputs, space-major and cube-order heads from
-their copies in physical order (`_physical_order_copies`). Warp-specialized (WARP_SPEC, mode "ws"; the
+full tiles overlap the next QK with the softmax (masked tiles are few, and their mask needs the
+registers). Each kind's tile count and first tile come from a loop over the q-tile's runs
+(`_walk_start`) or, with SPARSE_VDIT_GLUON_SCAN=1 (not yet timed), from vector loads of them
+(`_scan_runs`). Every head reads K/V by TMA: frame-major heads from the inputs, space-major and
+cube-order heads from their copies in physical order (`_physical_order_copies`). Warp-specialized (WARP_SPEC, mode "ws"; the
 prototype's schedule 2, 0.977x cuDNN at d = 128), one loader warp walks the runs and issues every TMA
 load, each once the 8 consumer warps have freed its ring slot, so the consumers' full-tile loop holds no
 walker at all. Gluon does not run under TRITON_INTERPRET;
@@ -22,6 +24,8 @@ on the CPU it compiles for sm_90 (`compile_sm90`), on the GPU tests/gpu checks i
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -37,6 +41,8 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 SMEM_BUDGET = 227 * 1024 - 2048  # of the 227 KB a block may use on sm_90: Q and the K/V ring (barriers: the rest)
 TWO_CTA_BUDGET = 228 * 1024 // 2 - 1024 - 128  # half an SM's 228 KB, less the 1 KB a CTA reserves and barriers
 MAX_STAGES = 6
+RUN_CHUNK = gl.constexpr(4)  # runs `_scan_runs` reads a load (most q-tiles of bands and stripes have 3-5);
+# with 8 or 16 the capped kernel's masked loop spilled 172 or 169 instructions, not 64
 
 
 def stages_for(block_m: int, block_n: int, head_dim: int, elem_bytes: int = 2, budget: int = SMEM_BUDGET) -> int:
@@ -121,6 +127,49 @@ def _advance(RUNS, r, kt, b, run_hi, first_cut_tile, MASKED: gl.constexpr):
 
 
 @gluon.jit
+def _walk_start(RUNS, run_lo, run_hi, first_cut_tile, MASKED: gl.constexpr, wanted=True):
+    """(tiles of the kind, its first tile as `_seek` gives it: (run, tile, that run's end of the kind)) of
+    the q-tile's runs, one run at a time: a chain of dependent loads per run, then `_seek`'s."""
+    n = 0
+    for r in range(run_lo, run_hi):
+        a, b = _kind_bounds(RUNS, r, run_hi, first_cut_tile, MASKED)
+        n += b - a
+    return n, _seek(RUNS, run_lo, run_hi, first_cut_tile, MASKED, wanted)
+
+
+@gluon.jit
+def _scan_runs(RUNS, run_lo, run_hi, first_cut_tile, MASKED: gl.constexpr, CHUNK: gl.constexpr):
+    """`_walk_start` from vector loads of CHUNK runs (one round trip for most q-tiles, against one a run
+    and `_seek`'s): the kind's tiles summed, its first run picked by a min over the chunk."""
+    # every thread reads the whole chunk: sums and mins without shuffles, so ptxas can keep the results
+    # (ring slots and phases derive from them) in uniform registers
+    layout: gl.constexpr = gl.BlockedLayout([CHUNK], [32], [gl.num_warps()], [0])
+    none: gl.constexpr = 1 << 30
+    n = run_lo * 0
+    first = run_hi + n  # past the last run, as `_seek` leaves it when the kind has no tile
+    kt = n
+    b = n
+    for r0 in range(run_lo, run_hi, CHUNK):
+        r = r0 + gl.arange(0, CHUNK, layout=layout)
+        some = r < run_hi
+        lo = gl.load(RUNS + 3 * r, mask=some, other=0)
+        hi = gl.load(RUNS + 3 * r + 1, mask=some, other=0)
+        cut = gl.where(gl.load(RUNS + 3 * r + 2, mask=some, other=0) != 0,
+                       gl.minimum(gl.maximum(first_cut_tile, lo), hi), lo)  # full tiles [lo, cut), masked [cut, hi)
+        if MASKED:
+            lo, hi = cut, hi
+        else:
+            lo, hi = lo, cut
+        n += gl.sum(hi - lo, axis=0)
+        here = gl.min(gl.where(hi > lo, r, none), axis=0)
+        new = (first == run_hi) & (here < none)
+        kt = gl.where(new, gl.sum(gl.where(r == here, lo, 0), axis=0), kt)
+        b = gl.where(new, gl.sum(gl.where(r == here, hi, 0), axis=0), b)
+        first = gl.where(new, here, first)
+    return n, (first, kt, b)
+
+
+@gluon.jit
 def _release(free, t, STAGES: gl.constexpr):
     """Warp-specialized: this thread is done with ring use t's slot (the wgmma that read it retired): its
     own arrival on the slot's "free" mbarrier (cp.async.mbarrier.arrive.noinc; Gluon's mbarrier.arrive
@@ -129,11 +178,12 @@ def _release(free, t, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _attend_kind(m_i, l_i, acc, t0, ring, walk, mask_args, qk_scale, MASKED: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                 p_layout: gl.constexpr, dtype: gl.constexpr, WARP_SPEC: gl.constexpr):
-    """Fold the q-tile's tiles of one kind (full, or MASKED: partial and cut) into the online softmax, in
-    one software-pipelined loop over all its runs: a load walker keeps STAGES tiles in flight; for full
+def _attend_kind(m_i, l_i, acc, t0, ring, walk, kind, mask_args, qk_scale, MASKED: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+                 o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr, WARP_SPEC: gl.constexpr):
+    """Fold the q-tile's tiles of one kind (full, or MASKED: partial and cut; `kind` = (their count, the
+    first one as `_seek` gives it)) into the online softmax, in one software-pipelined loop over all its
+    runs: a load walker keeps STAGES tiles in flight; for full
     tiles, tile j+1's QK is issued before tile j's softmax and its PV after it, one wait a tile; masked
     tiles go one at a time (QK, mask and softmax, PV), since the mask's registers next to a second
     score tile in flight made the 128-register cap spill 263 instructions (66 this way). Ring use number t0
@@ -146,12 +196,9 @@ def _attend_kind(m_i, l_i, acc, t0, ring, walk, mask_args, qk_scale, MASKED: gl.
     later. Returns the state and the ring uses."""
     (q_s, k_s, v_s, bars, free, descs_k, descs_v, from_copy, k_row, k_col, v_row, v_col, c_row) = ring
     (RUNS, run_lo, run_hi, first_cut_tile) = walk
-    n = 0
-    for r in range(run_lo, run_hi):
-        a, b = _kind_bounds(RUNS, r, run_hi, first_cut_tile, MASKED)
-        n += b - a
+    n = kind[0]  # the tiles of the kind
+    lr, lkt, lb = kind[1]  # the load walker's start
     if n > 0:
-        lr, lkt, lb = _seek(RUNS, run_lo, run_hi, first_cut_tile, MASKED, MASKED or not WARP_SPEC)  # load walker
         cr, ckt, cb = lr, lkt, lb  # the compute walker
         if not WARP_SPEC:
             for t in gl.static_range(STAGES):
@@ -237,16 +284,26 @@ def _mma_layout(warps, columns):
 
 @gluon.jit
 def _consume(m_i, l_i, acc, ring, walk, mask_args, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-             HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WARP_SPEC: gl.constexpr):
-    """Both kinds of tiles into the online softmax, full ones first: (running sum, accumulator)."""
+             HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WARP_SPEC: gl.constexpr, SCAN_RUNS: gl.constexpr):
+    """Both kinds of tiles into the online softmax, full ones first, each kind's count and first tile
+    found by `_scan_runs` (SCAN_RUNS) or `_walk_start`: (running sum, accumulator)."""
     s_layout: gl.constexpr = _mma_layout(gl.num_warps(), BLOCK_N)
     o_layout: gl.constexpr = _mma_layout(gl.num_warps(), HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     dtype: gl.constexpr = ring[0].dtype
-    m_i, l_i, acc, used = _attend_kind(m_i, l_i, acc, 0, ring, walk, mask_args, qk_scale, False, BLOCK_M, BLOCK_N,
-                                       STAGES, s_layout, o_layout, p_layout, dtype, WARP_SPEC)
-    m_i, l_i, acc, used = _attend_kind(m_i, l_i, acc, used, ring, walk, mask_args, qk_scale, True, BLOCK_M, BLOCK_N,
-                                       STAGES, s_layout, o_layout, p_layout, dtype, WARP_SPEC)
+    (RUNS, run_lo, run_hi, first_cut_tile) = walk
+    if SCAN_RUNS:
+        full = _scan_runs(RUNS, run_lo, run_hi, first_cut_tile, False, RUN_CHUNK)
+    else:  # a warp-specialized full kind needs no load walker (the loader partition loads)
+        full = _walk_start(RUNS, run_lo, run_hi, first_cut_tile, False, not WARP_SPEC)
+    m_i, l_i, acc, used = _attend_kind(m_i, l_i, acc, 0, ring, walk, full, mask_args, qk_scale, False, BLOCK_M,
+                                       BLOCK_N, STAGES, s_layout, o_layout, p_layout, dtype, WARP_SPEC)
+    if SCAN_RUNS:  # (read after the full tiles, so nothing of it is live in their loop)
+        masked = _scan_runs(RUNS, run_lo, run_hi, first_cut_tile, True, RUN_CHUNK)
+    else:
+        masked = _walk_start(RUNS, run_lo, run_hi, first_cut_tile, True)
+    m_i, l_i, acc, used = _attend_kind(m_i, l_i, acc, used, ring, walk, masked, mask_args, qk_scale, True, BLOCK_M,
+                                       BLOCK_N, STAGES, s_layout, o_layout, p_layout, dtype, WARP_SPEC)
     return l_i, acc
 
 
@@ -266,7 +323,7 @@ def gluon_sparse_fwd(
     L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale,
     win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard, n_slots,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_KV_LEN: gl.constexpr,
-    STAGES: gl.constexpr, WARP_SPEC: gl.constexpr,
+    STAGES: gl.constexpr, WARP_SPEC: gl.constexpr, SCAN_RUNS: gl.constexpr,
 ):
     nw: gl.constexpr = gl.num_warps()
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -324,14 +381,14 @@ def gluon_sparse_fwd(
         gl.static_assert(STAGES >= 3, "the warp-specialized kernel needs 3 K/V slots or more")
         l_i, acc = gl.warp_specialize([
             (_consume, (m_i, l_i, acc, ring, walk, mask_args, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                        WARP_SPEC)),
+                        WARP_SPEC, SCAN_RUNS)),
             (_load_tiles, (RUNS, run_lo, run_hi, first_cut_tile, k_s, v_s, bars, free, DESC_K, DESC_V, DESC_KS,
                            DESC_VS, from_copy, k_row, k_col, v_row, v_col, c_row, BLOCK_N, STAGES)),
         ], [1], [LOADER_REGS])
         # (the free mbarriers are not invalidated: their last arrivals are asynchronous and nobody waits)
     else:
         l_i, acc = _consume(m_i, l_i, acc, ring, walk, mask_args, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                            WARP_SPEC)
+                            WARP_SPEC, SCAN_RUNS)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
@@ -359,7 +416,8 @@ def row_descriptor(x, block_rows: int):
 
 
 def compile_sm90(head_dim: int = 128, block_m: int = 128, block_n: int = 128, stages: int | None = None,
-                 warps: int = 8, kv_len: bool = True, maxnreg: int | None = None, warp_spec: bool = False):
+                 warps: int = 8, kv_len: bool = True, maxnreg: int | None = None, warp_spec: bool = False,
+                 scan_runs: bool = False):
     """The sm_90 CompiledKernel of `gluon_sparse_fwd` (bf16), built on the CPU (no GPU needed)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -370,7 +428,7 @@ def compile_sm90(head_dim: int = 128, block_m: int = 128, block_n: int = 128, st
     desc = mangle_type(row_descriptor(torch.empty(1, 1, 1024, head_dim, dtype=torch.bfloat16), block_n))
     fn = gluon_sparse_fwd
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len, STAGES=stages,
-                 WARP_SPEC=warp_spec)
+                 WARP_SPEC=warp_spec, SCAN_RUNS=scan_runs)
     signature = {}
     for name in fn.arg_names:
         if name in const:
@@ -421,7 +479,7 @@ def launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len
         active_heads.numel(), *work, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
         qk_scale, *box_layouts(frames, height, width), n_slots,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
-        num_warps=8, **_occupancy(block_m, block_n, D, qb.element_size(), mode))
+        SCAN_RUNS=os.environ.get("SPARSE_VDIT_GLUON_SCAN", "0") == "1", num_warps=8, **_occupancy(block_m, block_n, D, qb.element_size(), mode))
     return True
 
 

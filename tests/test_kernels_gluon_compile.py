@@ -20,8 +20,8 @@ from sparse_vdit.bench.kernel_sass import disassemble, kernel_loops, loop_table
 from sparse_vdit.kernels.gluon_attention import compile_sm90
 
 out = []
-for d, bn, cap, ws in json.loads(sys.argv[1]):
-    kernel = compile_sm90(head_dim=d, block_n=bn, maxnreg=cap, warp_spec=ws)
+for d, bn, cap, ws, scan in json.loads(sys.argv[1]):
+    kernel = compile_sm90(head_dim=d, block_n=bn, maxnreg=cap, warp_spec=ws, scan_runs=scan)
     sass, registers, stack = disassemble(kernel)
     loops = [(len(body), loop_table(body)["spills"], loop_order(body)) for body in kernel_loops(sass)]
     with tempfile.TemporaryDirectory() as tmp:  # ptxas's advisories (Triton drops them), e.g. C7514
@@ -41,17 +41,21 @@ CAPPED = (64, 64, 128, False)  # SPARSE_VDIT_GLUON=r128: two CTAs an SM at d = 6
 WARP_SPECIALIZED = [(128, 64, None, True), (64, 64, None, True)]  # SPARSE_VDIT_GLUON=ws
 
 
-def test_gluon_kernel_compiles_for_sm90_with_the_overlapped_loop():
+def _compiled(cases):
+    """SCRIPT's findings for (head_dim, block_n, register cap, warp-specialized, run scan) cases."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cases = [c + (None, False) for c in CASES] + [CAPPED] + WARP_SPECIALIZED
     run = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases)],
                          env=env, capture_output=True, text=True, timeout=900)
     if run.returncode and "not found" in run.stderr:
         pytest.skip("no ptxas / nvdisasm in this Triton install")
     assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def test_gluon_kernel_compiles_for_sm90_with_the_overlapped_loop():
     from sparse_vdit.kernels.gluon_attention import SMEM_BUDGET, stages_for
 
-    results = json.loads(run.stdout.splitlines()[-1])
+    results = _compiled([c + (None, False, False) for c in CASES] + [c + (False,) for c in [CAPPED] + WARP_SPECIALIZED])
     warp_specialized = [results.pop() for _ in WARP_SPECIALIZED][::-1]
     capped = results.pop()
     assert capped["registers"] <= 128 and capped["advisories"] == [] and len(capped["loops"]) == 2
@@ -143,3 +147,15 @@ def test_warp_specialized_kernel_refuses_two_slots():
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode != 0 and "needs 3 K/V slots or more" in run.stderr, run.stderr[-2000:]
 
+
+def test_run_scan_leaves_the_tile_loops_as_they_were():
+    """SPARSE_VDIT_GLUON_SCAN=1 starts a q-tile's walk from vector loads of its runs instead of a loop of
+    dependent loads; its values stay out of the tile loops: the same loops, no more spills (with more
+    than 4 runs a load, the capped kernel's masked loop spilled 169 instructions against 64)."""
+    cases = [c + (scan,) for c in (CAPPED, WARP_SPECIALIZED[0]) for scan in (False, True)]
+    results = _compiled(cases)
+    for walk, scan in (results[0:2], results[2:4]):
+        assert scan["advisories"] == [] and scan["registers"] <= walk["registers"]
+        assert len(scan["loops"]) == len(walk["loops"]) == 2
+        for (n0, spills0, order0), (n1, spills1, order1) in zip(walk["loops"], scan["loops"]):
+            assert order1 == order0 and spills1 <= spills0 + 1 and abs(n1 - n0) <= 0.02 * n0, (walk, scan)

@@ -1,6 +1,7 @@
 """Sparse attention on the GPU in bf16 at real frame sizes, against float32 on sampled rows: the Triton
-kernel in every test (SPARSE_VDIT_GLUON=0, although the product runs the Gluon kernel at head_dim 64
-on sm_90), the Gluon kernel in `test_gluon_kernel_matches_float32`."""
+kernel in every test (SPARSE_VDIT_GLUON=0, although the product runs the Gluon kernel on sm_90 where
+few tiles are masked), the Gluon kernel in `test_gluon_kernel_matches_float32` and
+`test_gluon_run_scan_matches_float32`."""
 
 import random
 
@@ -83,6 +84,19 @@ def test_register_capped_config_matches_float32(merged, monkeypatch):
 @pytest.mark.parametrize("head_dim, layout, mode", [(128, "bhld", "1"), (64, "blhd", "1"), (64, "blhd", "r128"),
                                                     (128, "bhld", "ws"), (64, "blhd", "ws")])
 def test_gluon_kernel_matches_float32(geom, head_dim, layout, mode, tiles, monkeypatch):
+    _check_gluon(geom, head_dim, layout, mode, tiles, monkeypatch)
+
+
+@pytest.mark.parametrize("geom", GEOMS, ids=["P1560", "P3600", "P4080"])
+@pytest.mark.parametrize("head_dim, layout, mode", [(64, "blhd", "r128"), (128, "bhld", "ws")])
+def test_gluon_run_scan_matches_float32(geom, head_dim, layout, mode, monkeypatch):
+    # each q-tile's walk started from vector loads of its runs (SPARSE_VDIT_GLUON_SCAN=1, not yet the default)
+    monkeypatch.setenv("SPARSE_VDIT_GLUON_SCAN", "1")
+    _check_gluon(geom, head_dim, layout, mode, (128, 64), monkeypatch)
+
+
+def _check_gluon(geom, head_dim, layout, mode, tiles, monkeypatch):
+    """`_check_layer` on the Gluon kernel of `mode`, checking it ran (not the Triton fallback)."""
     from sparse_vdit.kernels import gluon_attention as G
 
     if torch.cuda.get_device_capability() != (9, 0):
