@@ -7,7 +7,7 @@ evaluates the same rule). Each sparse output is checked against float32 on sampl
 
     python3 -m sparse_vdit.bench.attention [--shapes wan13b,wan14b,hunyuan,cogvideox]
         [--densities 0.05,0.15,0.3,0.5] [--families local_window,...] [--tiles 128x64]
-        [--flex-shapes ...] [--cube-walks] [--paired-tiles] [--run-scan] [--gluon [MODES]] [--out DIR]
+        [--flex-shapes ...] [--cube-walks] [--paired-tiles] [--fast-start] [--gluon [MODES]] [--out DIR]
         [--quick]
 
 --quick: Wan2.1-1.3B and CogVideoX1.5, local windows only, densities 0.1 and 0.3, cuDNN baseline, no
@@ -16,9 +16,10 @@ sm, cube) and the full / partial tile counts. --cube-walks also times every laye
 heads under each walk the autotuner chooses between (SPARSE_VDIT_MERGED_CUBE=0 and =only), as
 extra rows named "... [loop per run]" and "... [merged walk]"; --paired-tiles times every row, dense
 included, with full tiles one and two a step (SPARSE_VDIT_PAIRED_TILES=0 and =only), as rows named
-"... [single tiles]" and "... [paired tiles]"; --run-scan times every row with the Gluon kernel's
-q-tile walk started by a loop over its runs and by vector loads of them (SPARSE_VDIT_GLUON_SCAN=0
-and =1) as rows "... [walk loop]" and "... [run scan]"; --gluon times every row with the Triton kernel and
+"... [single tiles]" and "... [paired tiles]"; --fast-start times every row with the Gluon kernel's
+q-tile walk started by a loop over its runs and by vector loads of them with Q stored after the first
+K/V loads (SPARSE_VDIT_GLUON_FAST_START=0 and =1), as rows "... [walk start]" and "... [fast start]";
+--gluon times every row with the Triton kernel and
 with the Gluon kernel (kernels/gluon_attention.py) uncapped, capped at 128 registers and
 warp-specialized (SPARSE_VDIT_GLUON=0, =1, =r128 and =ws; --gluon 0,ws times only those two) too,
 as rows named "... [triton]", "... [gluon]", "... [gluon r128]" and "... [gluon ws]"; the rows
@@ -227,18 +228,18 @@ def mixed_layer(heads: int, geom: VideoGeometry) -> tuple:
 CUBE_WALKS = (("0", "loop per run"), ("only", "merged walk"))  # SPARSE_VDIT_MERGED_CUBE values
 PAIRINGS = (("0", "single tiles"), ("only", "paired tiles"))  # SPARSE_VDIT_PAIRED_TILES values
 GLUON_MODES = (("0", "triton"), ("1", "gluon"), ("r128", "gluon r128"), ("ws", "gluon ws"))  # SPARSE_VDIT_GLUON
-RUN_STARTS = (("0", "walk loop"), ("1", "run scan"))  # SPARSE_VDIT_GLUON_SCAN
+STARTS = (("0", "walk start"), ("1", "fast start"))  # SPARSE_VDIT_GLUON_FAST_START
 
 
 def forced_choices(tables, cube_walks: bool, paired_tiles: bool, gluon: tuple[str, ...] = (),
-                   run_scan: bool = False) -> list:
+                   fast_start: bool = False) -> list:
     """(environment variable, value, row label) of each forced kernel choice a layer's row is also
     timed under: the cube-order walks where its tables have cube-order heads, the full-tile pairings,
     the kernels of the `gluon` modes (SPARSE_VDIT_GLUON values), the Gluon kernel's two ways of
     starting a q-tile's walk."""
     forced = [("SPARSE_VDIT_GLUON", mode, label) for mode, label in GLUON_MODES if mode in gluon]
-    if run_scan:
-        forced += [("SPARSE_VDIT_GLUON_SCAN", mode, label) for mode, label in RUN_STARTS]
+    if fast_start:
+        forced += [("SPARSE_VDIT_GLUON_FAST_START", mode, label) for mode, label in STARTS]
     if cube_walks and tables.uses_cube_order():
         forced += [("SPARSE_VDIT_MERGED_CUBE", mode, label) for mode, label in CUBE_WALKS]
     if paired_tiles:
@@ -263,7 +264,7 @@ def env_set(name: str, value: str):
 def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", dtype=torch.bfloat16,
                 use_flex: bool = True, baselines=("cudnn", "flash", "sage"), families=FAMILIES,
                 cube_walks: bool = False, paired_tiles: bool = False, gluon: tuple[str, ...] = (),
-                run_scan: bool = False) -> None:
+                fast_start: bool = False) -> None:
     """Time and check every variant at one (label, geometry, heads, head_dim); rows appended."""
     label, geom, H, D = shape
     L = geom.seq_len
@@ -323,7 +324,7 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
         dense_ms = time_ms(lambda: dense_plan.run(q, k, v))
         add("ours dense" + tag, dense_ms, 1.0, dense_plan.tile_density,
             err=dense_err(out), note=tuned_config_name())
-        for var, mode, choice in forced_choices(dense_plan.tables, False, paired_tiles, gluon, run_scan):
+        for var, mode, choice in forced_choices(dense_plan.tables, False, paired_tiles, gluon, fast_start):
             with env_set(var, mode):
                 out = dense_plan.run(q, k, v)
                 ms = time_ms(lambda: dense_plan.run(q, k, v))
@@ -359,7 +360,7 @@ def bench_shape(shape: tuple, densities, tiles, rows: list, log, device="cuda", 
                     log(traceback.format_exc())
             add(name + tag, ms, token_density, plan.tile_density, flex_ms, err, note,
                 efficiency=token_density * dense_ms / ms)
-            for var, mode, choice in forced_choices(plan.tables, cube_walks, paired_tiles, gluon, run_scan):
+            for var, mode, choice in forced_choices(plan.tables, cube_walks, paired_tiles, gluon, fast_start):
                 with env_set(var, mode):
                     err = sampled_error(plan.run(q, k, v, dense=sdpa), q, k, v, plan.head_rules, geom)
                     ms = time_ms(lambda: plan.run(q, k, v, dense=sdpa))
@@ -423,9 +424,10 @@ def main(argv=None) -> None:
     ap.add_argument("--gluon", nargs="?", const=",".join(m for m, _ in GLUON_MODES), default="", metavar="MODES",
                     help="also time every row with each kernel of these SPARSE_VDIT_GLUON modes (default all: "
                          f"{', '.join(f'{m} = {label}' for m, label in GLUON_MODES)})")
-    ap.add_argument("--run-scan", action="store_true",
+    ap.add_argument("--fast-start", action="store_true",
                     help="also time every row with the Gluon kernel's q-tile walk started by a loop over its "
-                         "runs and by vector loads (SPARSE_VDIT_GLUON_SCAN=0 and =1)")
+                         "runs and by vector loads, Q stored after the first K/V loads "
+                         "(SPARSE_VDIT_GLUON_FAST_START=0 and =1)")
     ap.add_argument("--quick", action="store_true",
                     help="wan13b,cogvideox; local_window at 0.1,0.3; cuDNN baseline; no Flex")
     ap.add_argument("--table-from", metavar="LOG",
@@ -470,7 +472,7 @@ def main(argv=None) -> None:
             use_flex = args.flex_shapes is None or key in args.flex_shapes.split(",")
             bench_shape(SHAPES[key], densities, tiles, rows, log, use_flex=use_flex,
                         baselines=args.baselines.split(","), families=families, cube_walks=args.cube_walks,
-                        paired_tiles=args.paired_tiles, gluon=gluon_modes, run_scan=args.run_scan)
+                        paired_tiles=args.paired_tiles, gluon=gluon_modes, fast_start=args.fast_start)
         except Exception:
             log(traceback.format_exc())
         with open(os.path.join(args.out, "attention_rows.json"), "w") as fh:

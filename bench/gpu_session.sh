@@ -51,7 +51,7 @@ for step in ${steps[*]}; do
                timeout 120 python3 -m pytest -q tests/gpu/test_gluon_dense_gpu.py
                timeout "${GLUON_SECONDS:-120}" python3 -m sparse_vdit.bench.gluon_dense --out "$OUT/gluon_dense.md" ;;
     gluon_sparse)  # the Gluon sparse kernel: its GPU tests (GS_TESTS=0 skips them), then every row timed under each
-               # GS_MODES kernel (GS_FLAGS: more bench/attention.py flags, e.g. --run-scan)
+               # GS_MODES kernel (GS_FLAGS: more bench/attention.py flags, e.g. --fast-start)
                [ "${GS_TESTS:-1}" = 0 ] || SPARSE_VDIT_TRITON_CONFIGS=8x3 timeout 150 python3 -m pytest -q tests/gpu -k gluon_kernel
                timeout "${GS_COGX_SECONDS:-150}" python3 -m sparse_vdit.bench.attention --shapes cogvideox \
                  --densities "${GS_DENSITIES:-0.1,0.3}" --families "${GS_COGX_FAMILIES:-diagonal,multi_diagonal,vertical_stripe}" \

@@ -14,8 +14,8 @@ the Triton kernel) between their QK and softmax: a load walker keeps STAGES tile
 the compute walker across runs, so the pipeline drains twice per q-tile, not twice per run; only
 full tiles overlap the next QK with the softmax (masked tiles are few, and their mask needs the
 registers). Each kind's tile count and first tile come from a loop over the q-tile's runs
-(`_walk_start`) or, with SPARSE_VDIT_GLUON_SCAN=1 (not yet timed), from vector loads of them
-(`_scan_runs`). Every head reads K/V by TMA: frame-major heads from the inputs, space-major and
+(`_walk_start`) or, with SPARSE_VDIT_GLUON_FAST_START=1 (not yet timed), from vector loads of them
+(`_scan_runs`), with Q stored to shared memory after the first K/V loads are issued. Every head reads K/V by TMA: frame-major heads from the inputs, space-major and
 cube-order heads from their copies in physical order (`_physical_order_copies`). Warp-specialized (WARP_SPEC, mode "ws"; the
 prototype's schedule 2, 0.977x cuDNN at d = 128), one loader warp walks the runs and issues every TMA
 load, each once the 8 consumer warps have freed its ring slot, so the consumers' full-tile loop holds no
@@ -180,10 +180,12 @@ def _release(free, t, STAGES: gl.constexpr):
 @gluon.jit
 def _attend_kind(m_i, l_i, acc, t0, ring, walk, kind, mask_args, qk_scale, MASKED: gl.constexpr,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
-                 o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr, WARP_SPEC: gl.constexpr):
+                 o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr, WARP_SPEC: gl.constexpr,
+                 q_late=0, STORE_Q: gl.constexpr = False):
     """Fold the q-tile's tiles of one kind (full, or MASKED: partial and cut; `kind` = (their count, the
     first one as `_seek` gives it)) into the online softmax, in one software-pipelined loop over all its
-    runs: a load walker keeps STAGES tiles in flight; for full
+    runs (STORE_Q: Q's rows `q_late` go to shared memory once the first K/V loads are on their way, so
+    the two latencies overlap): a load walker keeps STAGES tiles in flight; for full
     tiles, tile j+1's QK is issued before tile j's softmax and its PV after it, one wait a tile; masked
     tiles go one at a time (QK, mask and softmax, PV), since the mask's registers next to a second
     score tile in flight made the 128-register cap spill 263 instructions (66 this way). Ring use number t0
@@ -198,14 +200,17 @@ def _attend_kind(m_i, l_i, acc, t0, ring, walk, kind, mask_args, qk_scale, MASKE
     (RUNS, run_lo, run_hi, first_cut_tile) = walk
     n = kind[0]  # the tiles of the kind
     lr, lkt, lb = kind[1]  # the load walker's start
+    if not WARP_SPEC:
+        for t in gl.static_range(STAGES):
+            if t < n:
+                _load_tile(descs_k, descs_v, k_s, v_s, bars, t0 + t, lkt, from_copy, k_row, k_col, v_row, v_col,
+                           c_row, BLOCK_N, STAGES)
+                lr, lkt, lb = _advance(RUNS, lr, lkt, lb, run_hi, first_cut_tile, MASKED)
+    if STORE_Q:
+        q_s.store(q_late)
+        hopper.fence_async_shared()  # before the QK wgmmas (the async proxy) read it
     if n > 0:
-        cr, ckt, cb = lr, lkt, lb  # the compute walker
-        if not WARP_SPEC:
-            for t in gl.static_range(STAGES):
-                if t < n:
-                    _load_tile(descs_k, descs_v, k_s, v_s, bars, t0 + t, lkt, from_copy, k_row, k_col, v_row, v_col,
-                               c_row, BLOCK_N, STAGES)
-                    lr, lkt, lb = _advance(RUNS, lr, lkt, lb, run_hi, first_cut_tile, MASKED)
+        cr, ckt, cb = kind[1]  # the compute walker
         # warp-specialized full tiles leave PV(j) running into softmax(j + 1) (the prototype's schedule 2)
         OVERLAP_PV: gl.constexpr = WARP_SPEC and not MASKED
         mbarrier.wait(bars.index(t0 % STAGES), (t0 // STAGES) & 1)
@@ -284,21 +289,24 @@ def _mma_layout(warps, columns):
 
 @gluon.jit
 def _consume(m_i, l_i, acc, ring, walk, mask_args, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-             HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WARP_SPEC: gl.constexpr, SCAN_RUNS: gl.constexpr):
+             HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WARP_SPEC: gl.constexpr, FAST_START: gl.constexpr,
+             q_late=0):
     """Both kinds of tiles into the online softmax, full ones first, each kind's count and first tile
-    found by `_scan_runs` (SCAN_RUNS) or `_walk_start`: (running sum, accumulator)."""
+    found by `_walk_start` or, FAST_START, `_scan_runs`, which also stores Q's rows `q_late` to shared
+    memory after the first K/V loads when not warp-specialized: (running sum, accumulator)."""
     s_layout: gl.constexpr = _mma_layout(gl.num_warps(), BLOCK_N)
     o_layout: gl.constexpr = _mma_layout(gl.num_warps(), HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     dtype: gl.constexpr = ring[0].dtype
     (RUNS, run_lo, run_hi, first_cut_tile) = walk
-    if SCAN_RUNS:
+    if FAST_START:
         full = _scan_runs(RUNS, run_lo, run_hi, first_cut_tile, False, RUN_CHUNK)
     else:  # a warp-specialized full kind needs no load walker (the loader partition loads)
         full = _walk_start(RUNS, run_lo, run_hi, first_cut_tile, False, not WARP_SPEC)
     m_i, l_i, acc, used = _attend_kind(m_i, l_i, acc, 0, ring, walk, full, mask_args, qk_scale, False, BLOCK_M,
-                                       BLOCK_N, STAGES, s_layout, o_layout, p_layout, dtype, WARP_SPEC)
-    if SCAN_RUNS:  # (read after the full tiles, so nothing of it is live in their loop)
+                                       BLOCK_N, STAGES, s_layout, o_layout, p_layout, dtype, WARP_SPEC, q_late,
+                                       FAST_START and not WARP_SPEC)
+    if FAST_START:  # (read after the full tiles, so nothing of it is live in their loop)
         masked = _scan_runs(RUNS, run_lo, run_hi, first_cut_tile, True, RUN_CHUNK)
     else:
         masked = _walk_start(RUNS, run_lo, run_hi, first_cut_tile, True)
@@ -323,7 +331,7 @@ def gluon_sparse_fwd(
     L, prefix, F, W, P, N, inv_F, inv_W, inv_P, qk_scale,
     win_y_shift, win_f_shift, win_guard, md_f_shift, md_guard, n_slots,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_KV_LEN: gl.constexpr,
-    STAGES: gl.constexpr, WARP_SPEC: gl.constexpr, SCAN_RUNS: gl.constexpr,
+    STAGES: gl.constexpr, WARP_SPEC: gl.constexpr, FAST_START: gl.constexpr,
 ):
     nw: gl.constexpr = gl.num_warps()
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -342,7 +350,10 @@ def gluon_sparse_fwd(
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
     q = gl.load(Q + b * stride_qb + h * stride_qh + lq.to(gl.int64)[:, None] * stride_ql + cols[None, :],
                 mask=(rows < m_end)[:, None], other=0.0)
-    q_s = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], DESC_K.layout, q)
+    if FAST_START and not WARP_SPEC:  # stored after the first K/V loads (`_attend_kind`)
+        q_s = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], DESC_K.layout)
+    else:
+        q_s = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], DESC_K.layout, q)
     k_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], DESC_K.layout)
     v_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], DESC_V.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -381,14 +392,14 @@ def gluon_sparse_fwd(
         gl.static_assert(STAGES >= 3, "the warp-specialized kernel needs 3 K/V slots or more")
         l_i, acc = gl.warp_specialize([
             (_consume, (m_i, l_i, acc, ring, walk, mask_args, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                        WARP_SPEC, SCAN_RUNS)),
+                        WARP_SPEC, FAST_START)),
             (_load_tiles, (RUNS, run_lo, run_hi, first_cut_tile, k_s, v_s, bars, free, DESC_K, DESC_V, DESC_KS,
                            DESC_VS, from_copy, k_row, k_col, v_row, v_col, c_row, BLOCK_N, STAGES)),
         ], [1], [LOADER_REGS])
         # (the free mbarriers are not invalidated: their last arrivals are asynchronous and nobody waits)
     else:
         l_i, acc = _consume(m_i, l_i, acc, ring, walk, mask_args, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                            WARP_SPEC, SCAN_RUNS)
+                            WARP_SPEC, FAST_START, q)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
@@ -417,7 +428,7 @@ def row_descriptor(x, block_rows: int):
 
 def compile_sm90(head_dim: int = 128, block_m: int = 128, block_n: int = 128, stages: int | None = None,
                  warps: int = 8, kv_len: bool = True, maxnreg: int | None = None, warp_spec: bool = False,
-                 scan_runs: bool = False):
+                 fast_start: bool = False):
     """The sm_90 CompiledKernel of `gluon_sparse_fwd` (bf16), built on the CPU (no GPU needed)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -428,7 +439,7 @@ def compile_sm90(head_dim: int = 128, block_m: int = 128, block_n: int = 128, st
     desc = mangle_type(row_descriptor(torch.empty(1, 1, 1024, head_dim, dtype=torch.bfloat16), block_n))
     fn = gluon_sparse_fwd
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len, STAGES=stages,
-                 WARP_SPEC=warp_spec, SCAN_RUNS=scan_runs)
+                 WARP_SPEC=warp_spec, FAST_START=fast_start)
     signature = {}
     for name in fn.arg_names:
         if name in const:
@@ -479,7 +490,7 @@ def launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len
         active_heads.numel(), *work, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
         qk_scale, *box_layouts(frames, height, width), n_slots,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
-        SCAN_RUNS=os.environ.get("SPARSE_VDIT_GLUON_SCAN", "0") == "1", num_warps=8, **_occupancy(block_m, block_n, D, qb.element_size(), mode))
+        FAST_START=os.environ.get("SPARSE_VDIT_GLUON_FAST_START", "0") == "1", num_warps=8, **_occupancy(block_m, block_n, D, qb.element_size(), mode))
     return True
 
 

@@ -60,9 +60,9 @@ def test_forced_choices_follow_the_flags_and_the_tables():
     assert attention.forced_choices(band, False, False, gluon=("0", "1", "r128", "ws")) == [
         ("SPARSE_VDIT_GLUON", "0", "triton"), ("SPARSE_VDIT_GLUON", "1", "gluon"),
         ("SPARSE_VDIT_GLUON", "r128", "gluon r128"), ("SPARSE_VDIT_GLUON", "ws", "gluon ws")]
-    assert attention.forced_choices(band, False, False, gluon=("0",), run_scan=True) == [
-        ("SPARSE_VDIT_GLUON", "0", "triton"), ("SPARSE_VDIT_GLUON_SCAN", "0", "walk loop"),
-        ("SPARSE_VDIT_GLUON_SCAN", "1", "run scan")]
+    assert attention.forced_choices(band, False, False, gluon=("0",), fast_start=True) == [
+        ("SPARSE_VDIT_GLUON", "0", "triton"), ("SPARSE_VDIT_GLUON_FAST_START", "0", "walk start"),
+        ("SPARSE_VDIT_GLUON_FAST_START", "1", "fast start")]
 
 
 def test_unknown_gluon_modes_are_refused():

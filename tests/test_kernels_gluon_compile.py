@@ -21,7 +21,7 @@ from sparse_vdit.kernels.gluon_attention import compile_sm90
 
 out = []
 for d, bn, cap, ws, scan in json.loads(sys.argv[1]):
-    kernel = compile_sm90(head_dim=d, block_n=bn, maxnreg=cap, warp_spec=ws, scan_runs=scan)
+    kernel = compile_sm90(head_dim=d, block_n=bn, maxnreg=cap, warp_spec=ws, fast_start=scan)
     sass, registers, stack = disassemble(kernel)
     loops = [(len(body), loop_table(body)["spills"], loop_order(body)) for body in kernel_loops(sass)]
     with tempfile.TemporaryDirectory() as tmp:  # ptxas's advisories (Triton drops them), e.g. C7514
@@ -42,7 +42,7 @@ WARP_SPECIALIZED = [(128, 64, None, True), (64, 64, None, True)]  # SPARSE_VDIT_
 
 
 def _compiled(cases):
-    """SCRIPT's findings for (head_dim, block_n, register cap, warp-specialized, run scan) cases."""
+    """SCRIPT's findings for (head_dim, block_n, register cap, warp-specialized, fast start) cases."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases)],
                          env=env, capture_output=True, text=True, timeout=900)
@@ -148,9 +148,10 @@ def test_warp_specialized_kernel_refuses_two_slots():
     assert run.returncode != 0 and "needs 3 K/V slots or more" in run.stderr, run.stderr[-2000:]
 
 
-def test_run_scan_leaves_the_tile_loops_as_they_were():
-    """SPARSE_VDIT_GLUON_SCAN=1 starts a q-tile's walk from vector loads of its runs instead of a loop of
-    dependent loads; its values stay out of the tile loops: the same loops, no more spills (with more
+def test_fast_start_leaves_the_tile_loops_as_they_were():
+    """SPARSE_VDIT_GLUON_FAST_START=1 starts a q-tile's walk from vector loads of its runs instead of a
+    loop of dependent loads, and (not warp-specialized) stores Q to shared memory after the first K/V
+    loads are issued; its values stay out of the tile loops: the same loops, no more spills (with more
     than 4 runs a load, the capped kernel's masked loop spilled 169 instructions against 64)."""
     cases = [c + (scan,) for c in (CAPPED, WARP_SPECIALIZED[0]) for scan in (False, True)]
     results = _compiled(cases)
