@@ -15,12 +15,13 @@ the compute walker across runs, so the pipeline drains twice per q-tile, not twi
 full tiles overlap the next QK with the softmax (masked tiles are few, and their mask needs the
 registers). Each kind's tile count and first tile come from a loop over the q-tile's runs
 (`_walk_start`) or, with SPARSE_VDIT_GLUON_FAST_START=1 (not yet timed), from vector loads of them
-(`_scan_runs`), with Q stored to shared memory after the first K/V loads are issued. Every head reads K/V by TMA: frame-major heads from the inputs, space-major and
-cube-order heads from their copies in physical order (`_physical_order_copies`). Warp-specialized (WARP_SPEC, mode "ws"; the
+(`_scan_runs`), with Q stored to shared memory after the first K/V loads are issued. Every head
+reads K/V by TMA: frame-major heads from the inputs, space-major and cube-order heads from their
+copies in physical order (`_physical_order_copies`). Warp-specialized (WARP_SPEC, mode "ws"; the
 prototype's schedule 2, 0.977x cuDNN at d = 128), one loader warp walks the runs and issues every TMA
-load, each once the 8 consumer warps have freed its ring slot, so the consumers' full-tile loop holds no
-walker at all. Gluon does not run under TRITON_INTERPRET;
-on the CPU it compiles for sm_90 (`compile_sm90`), on the GPU tests/gpu checks it against the reference.
+load, each once the 8 consumer warps have freed its ring slot, so the consumers' full-tile loop holds
+no walker at all. Gluon does not run under TRITON_INTERPRET; on the CPU it compiles for sm_90
+(`compile_sm90`), on the GPU tests/gpu checks it against the reference.
 """
 
 from __future__ import annotations
@@ -490,7 +491,8 @@ def launch_gluon(qb, kb, vb, ob, head_rules, row_ptr, runs, active_heads, kv_len
         active_heads.numel(), *work, L, prefix, frames, width, P, frames * P, 1.0 / frames, 1.0 / width, 1.0 / P,
         qk_scale, *box_layouts(frames, height, width), n_slots,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_LEN=kv_len is not None,
-        FAST_START=os.environ.get("SPARSE_VDIT_GLUON_FAST_START", "0") == "1", num_warps=8, **_occupancy(block_m, block_n, D, qb.element_size(), mode))
+        FAST_START=os.environ.get("SPARSE_VDIT_GLUON_FAST_START", "0") == "1", num_warps=8,
+        **_occupancy(block_m, block_n, D, qb.element_size(), mode))
     return True
 
 

@@ -719,6 +719,7 @@ class LayerPlan:
     tile_density: float            # visited tiles / all tiles, over non-skip heads (0 if none)
     pool: TablePool
     cost_density: float = 0.0      # tile_cost (partial tiles weighted) / all tiles, non-skip heads
+    head_tiles: tuple[tuple[int, float], ...] = ()  # (visited tiles, tile_cost) of each head (skip: 0, 0)
     _tables: KernelTables | None = field(default=None, init=False, repr=False)
 
     @functools.cached_property
@@ -730,13 +731,15 @@ class LayerPlan:
     def heads(self) -> int:
         return len(self.patterns)
 
-    @property
-    def masked_share(self) -> float:
-        """The share of visited tiles that are masked (partial or cut), over non-skip heads (from the
-        two densities: cost counts a masked tile PARTIAL_TILE_COST full ones)."""
-        if self.tile_density <= 0:
+    def masked_share(self, heads=None) -> float:
+        """The share of visited tiles that are masked (partial or cut) over `heads` (default: all; skip
+        heads visit none), from each head's visited tiles and tile_cost (a masked tile counts
+        PARTIAL_TILE_COST full ones)."""
+        picked = [self.head_tiles[h] for h in (range(self.heads) if heads is None else heads)]
+        visited = sum(v for v, _ in picked)
+        if visited <= 0:
             return 0.0
-        share = (self.cost_density - self.tile_density) / ((PARTIAL_TILE_COST - 1) * self.tile_density)
+        share = (sum(c for _, c in picked) - visited) / ((PARTIAL_TILE_COST - 1) * visited)
         return min(1.0, max(0.0, share))
 
     _split: tuple | None = field(default=None, init=False, repr=False)
@@ -744,10 +747,12 @@ class LayerPlan:
     @property
     def tables(self) -> KernelTables:
         """KernelTables over the pool's current tensors (rebuilt only after the pool grew)."""
-        self._tables = self._tables_over(self.head_rules, self._tables)
+        self._tables = self._tables_over(self.head_rules, self._tables, range(self.heads))
         return self._tables
 
-    def _tables_over(self, head_rules: torch.Tensor, cached: KernelTables | None) -> KernelTables:
+    def _tables_over(self, head_rules: torch.Tensor, cached: KernelTables | None, heads) -> KernelTables:
+        """KernelTables of `head_rules` over the pool, `heads` being the heads they run (the others
+        skipped: their masked share picks the kernel)."""
         pool_tensors = self.pool.tensors()
         if cached is not None and cached.row_ptr is pool_tensors[0]:
             return cached
@@ -755,7 +760,7 @@ class LayerPlan:
         bucket = min(4, max(0, round(-math.log2(max(self.tile_density, 1e-6)))))
         return KernelTables(head_rules, *pool_tensors, g.prefix, g.frames, g.height, g.width, g.seq_len,
                             self.pool.block_m, self.pool.block_n, self.pool.cube_map, bucket,
-                            self.pool.segment_q_tiles, round(100 * self.masked_share))
+                            self.pool.segment_q_tiles, round(100 * self.masked_share(heads)))
 
     @functools.cached_property
     def dense_heads(self) -> tuple[int, ...]:
@@ -771,7 +776,7 @@ class LayerPlan:
             rules = self.head_rules.clone()
             rules[list(self.dense_heads), R.ORDER] = R.SKIP_HEAD
             index = torch.tensor(self.dense_heads, device=self.head_rules.device)
-        cached = self._tables_over(rules, cached)
+        cached = self._tables_over(rules, cached, [h for h in range(self.heads) if h not in self.dense_heads])
         self._split = (rules, index, cached)
         return cached, index
 
@@ -813,7 +818,7 @@ def _compile(patterns: tuple[Pattern, ...], geom: VideoGeometry, block_m: int, b
     all_tiles = active * (len(_tile_bounds(geom, block_m, segment_q_tiles)) - 1) * _cdiv(geom.seq_len, block_n)
     visited, cost = (sum(compiled[p][i] for p in patterns) / all_tiles if active else 0.0 for i in (1, 2))
     head_rules = torch.tensor(rules, dtype=torch.int32).to(device)
-    return LayerPlan(geom, patterns, head_rules, visited, pool, cost)
+    return LayerPlan(geom, patterns, head_rules, visited, pool, cost, tuple(compiled[p][1:] for p in patterns))
 
 
 def compile_layer(patterns, geom: VideoGeometry, block_m: int, block_n: int, device="cpu",

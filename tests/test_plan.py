@@ -211,9 +211,22 @@ def test_threaded_classification_lays_out_the_pool_as_one_thread_does(monkeypatc
     clear_plans()
 
 
+def test_dense_heads_split_off_leave_the_masked_share_of_the_heads_that_launch():
+    # a mixed layer's dense heads go to SDPA (LayerPlan.run): the kernel choice (KernelTables.masked_percent,
+    # kernels._gluon_mode) must see the window head's masked tiles undiluted by them
+    g = VideoGeometry(21, 30, 52)
+    window = pattern_for_density("local_window", 0.1, g)
+    plan = compile_layer((Dense(), window, Dense(), Dense()), g, 128, 64)
+    split, index = plan._dense_split()
+    alone = compile_layer((window,), g, 128, 64)
+    assert index.tolist() == [0, 2, 3]
+    assert split.masked_percent == alone.tables.masked_percent > 25 > plan.tables.masked_percent
+    assert plan.masked_share([1]) == pytest.approx(alone.masked_share())
+
+
 def test_all_skip_layer_has_zero_tile_density():
     plan = compile_layer((Skip(), Skip()), GEOMS[1], 16, 16)
-    assert plan.tile_density == 0.0 and plan.masked_share == 0.0 and plan.tables.masked_percent == 0
+    assert plan.tile_density == 0.0 and plan.masked_share() == 0.0 and plan.tables.masked_percent == 0
     plan.tables.validate(check_contents=True)
 
 
@@ -310,7 +323,7 @@ def test_window_heads_get_cube_order_with_fewer_partial_tiles():
         assert plan.cost_density == pytest.approx(tile_cost(runs) / (nq * plan.tables.num_k_tiles))
         assert plan.tile_density == pytest.approx(visited_tiles(runs) / (nq * plan.tables.num_k_tiles))
         masked = 1 - full_tiles(runs) / visited_tiles(runs)  # what picks the kernel (kernels._gluon_mode)
-        assert plan.masked_share == pytest.approx(masked) and plan.tables.masked_percent == round(100 * masked)
+        assert plan.masked_share() == pytest.approx(masked) and plan.tables.masked_percent == round(100 * masked)
         plan.tables.validate()
         assert plan.tables.cube_map.dtype == torch.int32
         assert torch.equal(plan.tables.cube_map.long(), cube_order_map(g.frames, g.height, g.width))
