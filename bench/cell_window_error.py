@@ -1,6 +1,7 @@
 """Attention error of cell-aligned 3D windows vs token-centred 3D windows at equal density.
 
     python3 -m sparse_vdit.bench.cell_window_error [--out FILE] [--prompts 2] [--steps 8] [--stride 7]
+    python3 -m sparse_vdit.bench.cell_window_error --tiles [--out FILE]
 
 A token window (LocalWindow semantics) attends every key with |df| <= rf, |dy| <= ry, |dx| <= rx
 around the query. A cell window (as in Sliding Tile Attention) cuts the grid into cells of
@@ -23,6 +24,12 @@ float64, then in float32 the dense attention output and the output under each wi
 renormalised over the window). Per (layer, head) the error is the pooled relative L2 error
 sqrt(sum |O_win - O_dense|^2 / sum |O_dense|^2) over rows, calls and batch, also split into early /
 mid / late thirds of the steps. Prints markdown tables (and writes them to --out).
+
+--tiles (no model, seconds) counts instead what each window costs the kernel at the real models' grid
+sizes and 128 x 64 tiles: visited and masked tiles of the token window (the plan compiler's, in the
+order it picks) and of a cell window whose cells are the cube order's 8 x 8-token cubes (no padding:
+ragged cubes and frames cut through tiles), and the efficiency each could reach if every visited tile
+ran at the dense rate (token density / tile density).
 """
 
 from __future__ import annotations
@@ -38,7 +45,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..kernels.rule import CUBE_EDGE, cube_order_map
 from ..strategies.geometry import VideoGeometry
+from ..strategies.patterns import pattern_for_density
+from ..strategies.plan import compile_layer, full_tiles, visited_tiles
 from ..testbed.data import HELD_OUT
 from ..testbed.generate import SAMPLE_STEPS, generate
 from ..testbed.model import WEIGHTS_DIR, load_testbed, testbed_geometry
@@ -234,6 +244,59 @@ class WindowErrors:
         return (self.mass.sum(-1) / self.rows_seen.sum(-1)).flatten(1)
 
 
+def cube_cell_tiles(geom: VideoGeometry, radii: Sequence[int], block_m: int = 128,
+                    block_n: int = 64) -> tuple[int, int, int]:
+    """(visited, full, all) (q-tile, k-tile) pairs of the cell window of the cube order's cubes (cells
+    of 1 x CUBE_EDGE x CUBE_EDGE tokens) with cell `radii`, tiles cut from the cube order of the grid."""
+    F, H, W = geom.frames, geom.height, geom.width
+    g = cube_order_map(F, H, W).numpy()  # the logical grid index of each physical position
+    cells = np.stack([g // (H * W), g // W % H // CUBE_EDGE, g % W // CUBE_EDGE], 1)
+
+    def tile_cells(block: int) -> np.ndarray:  # [tiles, 4, 3]: each tile's distinct cells, padded with its first
+        starts = range(0, len(g), block)
+        out = np.empty((len(starts), 4, 3), dtype=np.int64)
+        for i, a in enumerate(starts):
+            distinct = np.unique(cells[a:a + block], axis=0)
+            out[i] = distinct[np.minimum(np.arange(4), len(distinct) - 1)]
+            if len(distinct) > 4:
+                raise ValueError(f"a {block}-token tile spans {len(distinct)} cubes")
+        return out
+
+    q, k, r = tile_cells(block_m), tile_cells(block_n), np.asarray(radii)
+    visited = full = 0
+    for qt in q:
+        near = (np.abs(qt[:, None, None, :] - k[None]) <= r).all(-1)  # [q cells, k-tiles, k cells]
+        visited += int(near.any((0, 2)).sum())
+        full += int(near.all((0, 2)).sum())
+    return visited, full, len(q) * len(k)
+
+
+TILE_SHAPES = (("Wan2.1-1.3B 480p", VideoGeometry(21, 30, 52)), ("Wan2.1-14B 720p", VideoGeometry(21, 45, 80)),
+               ("CogVideoX1.5 768p (grid)", VideoGeometry(11, 48, 85)))
+
+
+def tiles_markdown(shapes=TILE_SHAPES, targets: Sequence[float] = (0.1, 0.3)) -> str:
+    """Visited and masked tiles, and the efficiency reachable at the dense rate, of token and cube-cell
+    windows at each target density (128 x 64 tiles)."""
+    lines = ["| grid | target | window | radii | token density | visited tiles | masked share | "
+             "efficiency at most |", "|---|---|---|---|---|---|---|---|"]
+    for name, geom in shapes:
+        for target in targets:
+            token = pattern_for_density("local_window", target, geom)
+            tables = compile_layer((token,), geom, 128, 64).tables
+            row_ptr, base = tables.row_ptr.numpy(), int(tables.head_rules[0, 1])
+            runs = tables.runs.numpy()[row_ptr[base]:row_ptr[base + tables.num_q_tiles]]
+            every = tables.num_q_tiles * tables.num_k_tiles
+            cell = match_density(geom, (1, CUBE_EDGE, CUBE_EDGE), target)
+            visited, full, cell_every = cube_cell_tiles(geom, cell.radii)
+            for label, radii, density, v, f, n in (
+                    ("token", token.radii(geom), token.density(geom), visited_tiles(runs), full_tiles(runs), every),
+                    (f"cell 1x{CUBE_EDGE}x{CUBE_EDGE}", cell.radii, cell.density, visited, full, cell_every)):
+                lines.append(f"| {name} | {target:g} | {label} | {tuple(radii)} | {density:.3f} | {v} | "
+                             f"{1 - f / v:.2f} | {density * n / v:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def step_bucket(step: int, steps: int) -> int:
     """Index into BUCKETS of a sampling step: thirds of the run."""
     return min(step * len(BUCKETS) // steps, len(BUCKETS) - 1)
@@ -325,7 +388,15 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=SAMPLE_STEPS)
     parser.add_argument("--stride", type=int, default=7, help="every stride-th query row is measured")
     parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
+    parser.add_argument("--tiles", action="store_true", help="count the kernel's tiles of each window at the "
+                        "real models' grid sizes instead (no model)")
     args = parser.parse_args(argv)
+    if args.tiles:
+        text = tiles_markdown()
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return
     if not 1 <= args.prompts <= len(HELD_OUT):
         parser.error(f"--prompts must be in 1..{len(HELD_OUT)}")
     started = time.perf_counter()

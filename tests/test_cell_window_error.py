@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from sparse_vdit.bench.cell_window_error import (TOKEN_CELL, WindowErrors, bracket, cell_window_density,
-                                                 cell_window_mask, comparisons, frame_reach_for, interpolate,
-                                                 match_density, measured_windows, results_markdown, spatial_family)
+                                                 cell_window_mask, comparisons, cube_cell_tiles, frame_reach_for,
+                                                 interpolate, match_density, measured_windows, results_markdown,
+                                                 spatial_family, tiles_markdown)
+from sparse_vdit.kernels.rule import cube_order_map
 from sparse_vdit.strategies.geometry import VideoGeometry
 from sparse_vdit.strategies.patterns import LocalWindow, pattern_for_density
 
@@ -164,3 +166,29 @@ def test_results_markdown_has_a_row_per_window_and_comparison():
     with pytest.raises(ValueError, match="expected 3"):
         WindowErrors(recorder.windows, 1, 3, 1).attention(q, q, q, layer=0, sigma=1.0, geometry=geom,
                                                           layout="bhld", dense=lambda *a: None)
+
+
+@pytest.mark.parametrize("block_m, block_n", [(32, 16), (64, 32)])
+def test_cube_cell_tiles_match_the_brute_force_tiles_of_the_mask(block_m, block_n):
+    # cube-order cubes of 8 x 8 tokens, ragged at the bottom and right (12 x 20 and 11 x 19 frames)
+    rng, seed = _rng()
+    for geom in (VideoGeometry(2, 12, 20), VideoGeometry(3, 11, 19)):
+        radii = (rng.randint(0, 1), rng.randint(0, 1), rng.randint(0, 2))
+        order = cube_order_map(geom.frames, geom.height, geom.width)
+        mask = cell_window_mask(geom, (1, 8, 8), radii)[order][:, order]  # physical (cube order) rows and columns
+        visited = full = 0
+        for a in range(0, geom.grid_tokens, block_m):
+            for b in range(0, geom.grid_tokens, block_n):
+                tile = mask[a:a + block_m, b:b + block_n]
+                visited, full = visited + bool(tile.any()), full + bool(tile.all())
+        nq, nk = -(-geom.grid_tokens // block_m), -(-geom.grid_tokens // block_n)
+        assert cube_cell_tiles(geom, radii, block_m, block_n) == (visited, full, nq * nk), (seed, geom, radii)
+
+
+def test_tiles_table_has_a_token_and_a_cell_row_per_shape_and_target():
+    shape = (("small", VideoGeometry(4, 16, 24)),)
+    rows = [line for line in tiles_markdown(shape, (0.2, 0.5)).splitlines()[2:]]
+    assert [r.split(" | ")[2] for r in rows] == ["token", "cell 1x8x8"] * 2
+    for r in rows:
+        cells = r.strip("| ").split(" | ")
+        assert 0 <= float(cells[6]) <= 1 and 0 < float(cells[7]) <= 1
