@@ -56,7 +56,7 @@ class KernelTables:
     cube_map: torch.Tensor | None = None
     density_bucket: int = 0  # autotune key only: round(-log2(visited-tile density)), 0 (dense) to 4
     segment_q_tiles: bool = True
-    masked_percent: int = 0  # kernel choice only: visited tiles that are masked (partial or cut), in percent
+    masked_percent: int = 0  # kernel choice only: visited tiles that are partial (masked), in percent
 
     @property
     def heads(self) -> int:

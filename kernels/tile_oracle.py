@@ -42,8 +42,8 @@ def _tile_runs(rule: list[int], geom: tuple[int, int, int, int], seq_len: int, q
 def tables_from_rules(rules, prefix: int, frames: int, height: int, width: int, seq_len: int,
                       block_m: int, block_n: int, device=None, segment_q_tiles: bool = True) -> KernelTables:
     """Exact KernelTables for head rules ([H, 16]; ROW_BASE is filled in here), identical rules
-    sharing rows, q-tiles as `tables.q_tile_bounds`. Cost grows with H x L^2 (evaluated on
-    `device`): for tests and small sizes."""
+    sharing rows, q-tiles as `tables.q_tile_bounds`, masked_percent over the active heads. Cost
+    grows with H x L^2 (evaluated on `device`): for tests and small sizes."""
     rows = [list(map(int, r)) for r in torch.as_tensor(rules).tolist()]
     if any(len(r) != RULE_INTS for r in rows):
         raise ValueError(f"each head rule needs {RULE_INTS} ints")
@@ -52,14 +52,20 @@ def tables_from_rules(rules, prefix: int, frames: int, height: int, width: int, 
     row_ptr = [0]
     runs: list[tuple[int, int, int]] = []
     bases: dict[tuple[int, ...], int] = {}
+    counts: dict[tuple[int, ...], tuple[int, int]] = {}  # (visited, masked) tiles of each distinct rule
     head_rules = []
+    visited = masked = 0
     for r in rows:
         key = tuple(r[:ROW_BASE] + r[ROW_BASE + 1:])
         if r[ORDER] != SKIP_HEAD and key not in bases:
             bases[key] = len(row_ptr) - 1
+            first = len(runs)
             for tile_runs in _tile_runs(r, geom, seq_len, q_bounds, block_n, device or "cpu"):
                 runs.extend(tile_runs)
                 row_ptr.append(len(runs))
+            counts[key] = (sum(b - a for a, b, _ in runs[first:]), sum(b - a for a, b, f in runs[first:] if not f))
+        if r[ORDER] != SKIP_HEAD:
+            visited, masked = visited + counts[key][0], masked + counts[key][1]
         r = list(r)
         r[ROW_BASE] = bases.get(key, 0)
         head_rules.append(r)
@@ -71,6 +77,7 @@ def tables_from_rules(rules, prefix: int, frames: int, height: int, width: int, 
         row_ptr=torch.tensor(row_ptr, dtype=torch.int32, device=device),
         runs=torch.tensor(runs, dtype=torch.int32, device=device).reshape(-1, 3),
         prefix=prefix, frames=frames, height=height, width=width, seq_len=seq_len,
-        block_m=block_m, block_n=block_n, cube_map=cube_map, segment_q_tiles=segment_q_tiles)
+        block_m=block_m, block_n=block_n, cube_map=cube_map, segment_q_tiles=segment_q_tiles,
+        masked_percent=round(100 * masked / visited) if visited else 0)
     tables.validate(check_contents=True)
     return tables

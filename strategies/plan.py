@@ -732,7 +732,7 @@ class LayerPlan:
         return len(self.patterns)
 
     def masked_share(self, heads=None) -> float:
-        """The share of visited tiles that are masked (partial or cut) over `heads` (default: all; skip
+        """The share of visited tiles that are partial (masked) over `heads` (default: all; skip
         heads visit none), from each head's visited tiles and tile_cost (a masked tile counts
         PARTIAL_TILE_COST full ones)."""
         picked = [self.head_tiles[h] for h in (range(self.heads) if heads is None else heads)]

@@ -153,10 +153,29 @@ def _tables(**over):
     (dict(seq_len=20), "seq_len"),
     (dict(frames=0), "geometry"),
     (dict(prefix=1.0), "int"),
+    (dict(masked_percent=101), "masked_percent"),
+    (dict(masked_percent=12.5), "masked_percent"),
 ])
 def test_tables_validate_rejects_bad_fields(over, match):
     with pytest.raises(ValueError, match=match):
         _tables(**over).validate()
+
+
+def test_tables_count_the_masked_share_of_the_heads_they_run():
+    # what picks the kernel on the GPU (triton_attention._gluon_mode): partial tiles over visited tiles
+    rng = random.Random()
+    F, H, W = 2, rng.randint(3, 6), rng.randint(3, 7)
+    window, band = make_rule(win=(0, 1, 1)), make_rule(diag=rng.randint(32, 64))  # the band has full tiles
+    t = tables_from_rules([window, band, make_rule(order=R.SKIP_HEAD), window], 0, F, H, W, F * H * W, 16, 16)
+    row_ptr, runs = t.row_ptr.tolist(), t.runs.tolist()
+    visited = masked = 0
+    for rule in t.head_rules.tolist():
+        if rule[R.ORDER] == R.SKIP_HEAD:
+            continue
+        for a, b, full in runs[row_ptr[rule[R.ROW_BASE]]:row_ptr[rule[R.ROW_BASE] + t.num_q_tiles]]:
+            visited, masked = visited + b - a, masked + (b - a) * (1 - full)
+    assert t.masked_percent == round(100 * masked / visited) and 0 < t.masked_percent < 100
+    assert tables_from_rules([make_rule(order=R.SKIP_HEAD)], 0, F, H, W, F * H * W, 16, 16).masked_percent == 0
 
 
 def test_tables_validate_contents():
