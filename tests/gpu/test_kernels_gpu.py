@@ -1,7 +1,7 @@
 """Sparse attention on the GPU in bf16 at real frame sizes, against float32 on sampled rows: the Triton
 kernel in every test (SPARSE_VDIT_GLUON=0, although the product runs the Gluon kernel on sm_90 where
 few tiles are masked), the Gluon kernel in `test_gluon_kernel_matches_float32` and
-`test_gluon_fast_start_matches_float32`."""
+`test_gluon_kernel_fast_start_matches_float32`."""
 
 import random
 
@@ -89,7 +89,7 @@ def test_gluon_kernel_matches_float32(geom, head_dim, layout, mode, tiles, monke
 
 @pytest.mark.parametrize("geom", GEOMS, ids=["P1560", "P3600", "P4080"])
 @pytest.mark.parametrize("head_dim, layout, mode", [(64, "blhd", "r128"), (128, "bhld", "ws")])
-def test_gluon_fast_start_matches_float32(geom, head_dim, layout, mode, monkeypatch):
+def test_gluon_kernel_fast_start_matches_float32(geom, head_dim, layout, mode, monkeypatch):
     # each q-tile's walk started from vector loads of its runs, Q stored after the first K/V loads
     # (SPARSE_VDIT_GLUON_FAST_START=1, not yet the default)
     monkeypatch.setenv("SPARSE_VDIT_GLUON_FAST_START", "1")
