@@ -27,9 +27,12 @@ mid / late thirds of the steps. Prints markdown tables (and writes them to --out
 
 --tiles (no model, seconds) counts instead what each window costs the kernel at the real models' grid
 sizes and 128 x 64 tiles: visited and masked tiles of the token window (the plan compiler's, in the
-order it picks) and of a cell window whose cells are the cube order's 8 x 8-token cubes (no padding:
-ragged cubes and frames cut through tiles), and the efficiency each could reach if every visited tile
-ran at the dense rate (token density / tile density).
+order it picks), of a cell window whose cells are the cube order's 8 x 8-token cubes (no padding:
+ragged cubes and frames cut through tiles) and of one whose 8 x 16-token cells are each padded to one
+128-row q-tile (two 64-key k-tiles; every visited tile full but for pad keys, tiles of pads alone
+skipped), and the efficiency each
+could reach if every visited tile ran at the dense rate (token density / visited-tile density against
+the unpadded layer's tiles).
 """
 
 from __future__ import annotations
@@ -271,6 +274,28 @@ def cube_cell_tiles(geom: VideoGeometry, radii: Sequence[int], block_m: int = 12
     return visited, full, len(q) * len(k)
 
 
+def padded_cell_tiles(geom: VideoGeometry, cell: Sequence[int], radii: Sequence[int], block_m: int = 128,
+                      block_n: int = 64) -> tuple[int, int]:
+    """(visited, all) (q-tile, k-tile) pairs of a cell window whose cells are each padded to whole
+    q-tiles and k-tiles, tiles of pads alone skipped (`all`: the tiles of the unpadded grid, what dense
+    attention visits)."""
+    slots = math.prod(cell)
+    if slots % block_m or slots % block_n:
+        raise ValueError(f"a {slots}-token cell is not a whole number of {block_m}- and {block_n}-row tiles")
+    axes = []  # per axis: each cell's coordinate and its real extent (ragged last cell)
+    for n, size in zip((geom.frames, geom.height, geom.width), cell):
+        i = np.arange(-(-n // size))
+        axes.append((i, np.minimum(size, n - i * size)))
+    grids = [np.meshgrid(*(a[k] for a in axes), indexing="ij") for k in (0, 1)]
+    coord = np.stack([c.ravel() for c in grids[0]], 1)  # [cells, 3]
+    real = np.prod(np.stack([e.ravel() for e in grids[1]], 1), 1)
+    q_tiles, k_tiles = -(-real // block_m), -(-real // block_n)  # tiles holding real tokens
+    near = (np.abs(coord[:, None, :] - coord[None, :, :]) <= np.asarray(radii)).all(-1)
+    N = geom.grid_tokens
+    return int(q_tiles @ near @ k_tiles), -(-N // block_m) * -(-N // block_n)
+
+
+PADDED_CELL = (1, 8, 16)  # 128 tokens: one q-tile, two k-tiles
 TILE_SHAPES = (("Wan2.1-1.3B 480p", VideoGeometry(21, 30, 52)), ("Wan2.1-14B 720p", VideoGeometry(21, 45, 80)),
                ("CogVideoX1.5 768p (grid)", VideoGeometry(11, 48, 85)))
 
@@ -289,9 +314,12 @@ def tiles_markdown(shapes=TILE_SHAPES, targets: Sequence[float] = (0.1, 0.3)) ->
             every = tables.num_q_tiles * tables.num_k_tiles
             cell = match_density(geom, (1, CUBE_EDGE, CUBE_EDGE), target)
             visited, full, cell_every = cube_cell_tiles(geom, cell.radii)
+            wide = match_density(geom, PADDED_CELL, target)
+            padded, padded_every = padded_cell_tiles(geom, PADDED_CELL, wide.radii)
             for label, radii, density, v, f, n in (
                     ("token", token.radii(geom), token.density(geom), visited_tiles(runs), full_tiles(runs), every),
-                    (f"cell 1x{CUBE_EDGE}x{CUBE_EDGE}", cell.radii, cell.density, visited, full, cell_every)):
+                    (f"cell 1x{CUBE_EDGE}x{CUBE_EDGE}", cell.radii, cell.density, visited, full, cell_every),
+                    ("cell 1x8x16, padded", wide.radii, wide.density, padded, padded, padded_every)):
                 lines.append(f"| {name} | {target:g} | {label} | {tuple(radii)} | {density:.3f} | {v} | "
                              f"{1 - f / v:.2f} | {density * n / v:.2f} |")
     return "\n".join(lines) + "\n"

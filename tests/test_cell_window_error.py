@@ -8,8 +8,8 @@ import torch
 
 from sparse_vdit.bench.cell_window_error import (TOKEN_CELL, WindowErrors, bracket, cell_window_density,
                                                  cell_window_mask, comparisons, cube_cell_tiles, frame_reach_for,
-                                                 interpolate, match_density, measured_windows, results_markdown,
-                                                 spatial_family, tiles_markdown)
+                                                 interpolate, match_density, measured_windows, padded_cell_tiles,
+                                                 results_markdown, spatial_family, tiles_markdown)
 from sparse_vdit.kernels.rule import cube_order_map
 from sparse_vdit.strategies.geometry import VideoGeometry
 from sparse_vdit.strategies.patterns import LocalWindow, pattern_for_density
@@ -185,10 +185,40 @@ def test_cube_cell_tiles_match_the_brute_force_tiles_of_the_mask(block_m, block_
         assert cube_cell_tiles(geom, radii, block_m, block_n) == (visited, full, nq * nk), (seed, geom, radii)
 
 
-def test_tiles_table_has_a_token_and_a_cell_row_per_shape_and_target():
+def test_tiles_table_has_a_token_and_two_cell_rows_per_shape_and_target():
     shape = (("small", VideoGeometry(4, 16, 24)),)
     rows = [line for line in tiles_markdown(shape, (0.2, 0.5)).splitlines()[2:]]
-    assert [r.split(" | ")[2] for r in rows] == ["token", "cell 1x8x8"] * 2
+    assert [r.split(" | ")[2] for r in rows] == ["token", "cell 1x8x8", "cell 1x8x16, padded"] * 2
     for r in rows:
         cells = r.strip("| ").split(" | ")
         assert 0 <= float(cells[6]) <= 1 and 0 < float(cells[7]) <= 1
+
+
+def test_padded_cell_tiles_match_a_brute_force_padded_layout():
+    rng, seed = _rng()
+    for geom, cell, block_m, block_n in ((VideoGeometry(2, 6, 10), (1, 4, 4), 16, 8),
+                                         (VideoGeometry(3, 7, 9), (1, 2, 8), 16, 4)):
+        radii = (rng.randint(0, 1), rng.randint(0, 1), rng.randint(0, 1))
+        slots = cell[0] * cell[1] * cell[2]
+        cells = {}  # cell coordinate -> its tokens' coordinates; each cell takes `slots` padded positions
+        for f in range(geom.frames):
+            for y in range(geom.height):
+                for x in range(geom.width):
+                    cells.setdefault((f // cell[0], y // cell[1], x // cell[2]), []).append(1)
+        layout = [c for c in sorted(cells) for i in range(slots)]
+        real = [i % slots < len(cells[c]) for i, c in enumerate(layout)]
+        n = len(layout)
+        mask = torch.tensor([[real[i] and real[j] and all(abs(a - b) <= r for a, b, r in zip(layout[i], layout[j], radii))
+                              for j in range(n)] for i in range(n)])
+        visited = sum(bool(mask[a:a + block_m, b:b + block_n].any()) for a in range(0, n, block_m)
+                      for b in range(0, n, block_n))
+        for a in range(0, n, block_m):  # every visited tile is full but for pad keys and rows
+            for b in range(0, n, block_n):
+                tile, rows, cols = mask[a:a + block_m, b:b + block_n], real[a:a + block_m], real[b:b + block_n]
+                if tile.any():
+                    assert tile[torch.tensor(rows)][:, torch.tensor(cols)].all(), (seed, geom, radii)
+        N = geom.grid_tokens
+        want = (visited, -(-N // block_m) * -(-N // block_n))
+        assert padded_cell_tiles(geom, cell, radii, block_m, block_n) == want, (seed, geom, cell, radii)
+    with pytest.raises(ValueError, match="whole number"):
+        padded_cell_tiles(VideoGeometry(2, 6, 10), (1, 4, 4), 32, 8)
