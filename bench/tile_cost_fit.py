@@ -134,21 +134,21 @@ def probe_tables(geom, heads: int, n_tiles: int, full: bool, block_m: int = 128,
                         geom.prefix, geom.frames, geom.height, geom.width, geom.seq_len, block_m, block_n)
 
 
-def probe(shape: str, modes: list[str]) -> list[dict]:
-    """GPU: per kernel mode, ms of the synthetic layers (`probe_tables`) and the costs fitted from them."""
+def probe(shape: str, modes: list[str], device="cuda", dtype=torch.bfloat16, timer=time_ms) -> list[dict]:
+    """Per kernel mode (SPARSE_VDIT_GLUON value), `timer`'s ms of the synthetic layers (`probe_tables`,
+    128 x 64 tiles) and the costs fitted from them."""
     label, geom, heads, head_dim = SHAPES[shape]
     L = geom.seq_len
     n_k = -(-L // 64)
-    sizes = sorted({8, 16, 32, 64, 128, 256, n_k - 1})  # the last k-tile is cut by the sequence end
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, heads, L, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
-               for _ in range(3))
+    sizes = sorted({min(n, n_k - 1) for n in (8, 16, 32, 64, 128, 256)} | {n_k - 1})  # the last k-tile is cut
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, heads, L, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(3))
     results = []
     for mode in modes:
         with env_set("SPARSE_VDIT_GLUON", mode):
-            ms = {(n, full): time_ms(lambda: sparse_attention(q, k, v, tables))
+            ms = {(n, full): timer(lambda: sparse_attention(q, k, v, tables))
                   for n in sizes for full in (True, False)
-                  for tables in [probe_tables(geom, heads, n, full)]}
+                  for tables in [probe_tables(geom, heads, n, full, device=device)]}
         programs = heads * (len(q_tile_bounds(geom.prefix, geom.grid_tokens, L, 128)) - 1)
         a, e = np.polyfit(sizes, [ms[n, True] for n in sizes], 1)
         b, _ = np.polyfit(sizes, [ms[n, False] for n in sizes], 1)

@@ -85,3 +85,31 @@ def test_probe_tables_visit_their_first_k_tiles_full_or_masked_alike(n_tiles):
     want = s.softmax(-1) @ v.double()[:, :, :keys]
     for out in outs:
         assert ((out.double() - want).norm() / want.norm()).item() <= 1e-5
+
+
+def test_probe_times_every_size_full_and_masked_and_fits_its_costs(monkeypatch):
+    # the probe's own code on the CPU (the Triton kernel under the interpreter), a tiny shape and a timer
+    # that runs each layer once and returns a time with known costs: 2 per full tile, 3 per masked tile
+    # and 5 per program (in tile units of one program)
+    from sparse_vdit.bench import attention
+
+    geom = VideoGeometry(frames=2, height=16, width=18, prefix=40)  # L = 616: 10 k-tiles of 64, the last cut
+    monkeypatch.setitem(attention.SHAPES, "tiny", ("Tiny", geom, 2, 64))
+    monkeypatch.setitem(T.SHAPES, "tiny", ("Tiny", geom, 2, 64))
+    seen = []
+
+    def timer(fn):
+        out = fn()
+        assert out.shape == (1, 2, geom.seq_len, 64) and not out.isnan().any()
+        tables = seen[-1]
+        n = int(tables.runs[0, 1])
+        return (2.0 if int(tables.runs[0, 2]) else 3.0) * n + 5.0
+
+    real = T.probe_tables
+    monkeypatch.setattr(T, "probe_tables", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    (result,) = T.probe("tiny", ["0"], device="cpu", dtype=torch.float32, timer=timer)
+    assert result["sizes"] == [8, 9] and len(seen) == 4  # 9 whole k-tiles: larger sizes clipped to them
+    assert set(result["ms"]) == {(n, full) for n in (8, 9) for full in (True, False)}
+    assert result["masked_tile"] == pytest.approx(1.5) and result["program_tiles"] == pytest.approx(2.5)
+    assert result["programs"] == 2 * 6  # 1 text q-tile (40 rows) and 5 grid q-tiles (576 rows), 2 heads
+    assert "a masked tile costs 1.50 full tiles, a program 2.5 full tiles" in T.probe_report([result])
