@@ -1,8 +1,10 @@
-"""bench/attention.py --table-from: the table of a run cut by a timeout, rebuilt from its log."""
+"""bench/attention.py off the GPU: --table-from (the table of a run cut by a timeout, rebuilt from its
+log), the forced kernel choices of each flag, and the flags themselves."""
 
 import json
 
 import pytest
+import torch
 
 from sparse_vdit.bench import attention
 
@@ -68,3 +70,11 @@ def test_forced_choices_follow_the_flags_and_the_tables():
 def test_unknown_gluon_modes_are_refused():
     with pytest.raises(SystemExit, match=r"unknown --gluon modes \['r64'\]"):
         attention.main(["--gluon", "0,r64"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the flags up to the GPU check")
+def test_the_gpu_session_flags_parse():
+    # bench/gpu_session.sh passes these (GS_FLAGS, GS_DENSITIES, GS_*_FAMILIES); a typo would cost a GPU call
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        attention.main(["--shapes", "cogvideox", "--densities", "0.1,0.3,0.5", "--families", "local_window",
+                        "--baselines", "cudnn", "--flex-shapes", "", "--gluon", "0", "--fast-start"])
