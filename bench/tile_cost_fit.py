@@ -183,6 +183,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.probe == (args.results is not None):
         ap.error("give RESULTS or --probe")
+    if args.probe and not torch.cuda.is_available():
+        raise SystemExit("--probe needs a CUDA GPU")
     text = (probe_report(probe(args.shape, args.gluon.split(","))) if args.probe
             else report(fit(read_rows(args.results), args.shape, args.tag)))
     print(text)

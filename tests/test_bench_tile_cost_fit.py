@@ -113,3 +113,11 @@ def test_probe_times_every_size_full_and_masked_and_fits_its_costs(monkeypatch):
     assert result["masked_tile"] == pytest.approx(1.5) and result["program_tiles"] == pytest.approx(2.5)
     assert result["programs"] == 2 * 6  # 1 text q-tile (40 rows) and 5 grid q-tiles (576 rows), 2 heads
     assert "a masked tile costs 1.50 full tiles, a program 2.5 full tiles" in T.probe_report([result])
+
+
+def test_command_line_needs_results_or_the_probe_and_the_probe_a_gpu():
+    with pytest.raises(SystemExit):
+        T.main([])  # neither
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            T.main(["--probe", "--shape", "cogvideox", "--gluon", "0,auto"])
