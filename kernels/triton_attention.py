@@ -665,11 +665,11 @@ def _gluon_mode(q: torch.Tensor, block_m: int, masked_percent: int = 0) -> Optio
     """Which Gluon kernel (kernels/gluon_attention.py) this launch runs, or None for the Triton one.
     SPARSE_VDIT_GLUON: 0 never, 1 uncapped, r128 at most 128 registers a thread, ws warp-specialized
     (one loader warp); unset or auto: r128 at head_dim 64 (attention run M: faster than the Triton
-    kernel in every CogVideoX1.5 row) and ws at 128 (run N: faster in every Wan2.1-14B row), unless
-    more than GLUON_MASKED_PERCENT of the layer's visited tiles are masked: the Gluon kernel takes
-    masked tiles one at a time, and 3D-window layers with 37-94% of them ran 7-23% slower there (run
-    N). Only on sm_90 with fp16/bf16, 128-row q-tiles and, in auto, Triton 3.6; another value warns
-    once and runs the Triton kernel."""
+    kernel in every CogVideoX1.5 row) and ws at 128 (run N: faster in every Wan2.1-14B dense, band and
+    multi-diagonal row), unless more than GLUON_MASKED_PERCENT of the layer's visited tiles are masked:
+    the Gluon kernel takes masked tiles one at a time, and 3D-window layers with 37-94% of them ran
+    7.5-23% slower there (run N). Only on sm_90 with fp16/bf16, 128-row q-tiles and, in auto, Triton
+    3.6; another value warns once and runs the Triton kernel."""
     if not (q.is_cuda and block_m == 128 and q.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return None
