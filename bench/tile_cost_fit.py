@@ -9,12 +9,11 @@ and passing every pair), for n from 8 to every k-tile; under each kernel of --gl
 SPARSE_VDIT_GLUON). The full rows' slope and intercept give a full tile's and a program's cost, the
 masked rows' slope a masked tile's: measured apart, where the fit below can only share them out.
 
-Without --probe, RESULTS is an attention_log.txt (JSON lines) or a markdown file holding bench/attention.py tables;
-the rows used are our dense row and the sparse rows of one kernel (no bracket: the default; --tag:
-the rows of "... [tag]", whose tile counts come from the unbracketed row of the same layer) whose
-heads all run in frame-major order (space-major and cube-order heads also copy K/V, which the model
-leaves out). Every
-program (one q-tile of one head) is modelled as
+Without --probe, RESULTS is an attention_log.txt (JSON lines) or a markdown file holding
+bench/attention.py tables; the rows used are our dense row and the sparse rows of one kernel (no
+bracket: the default; --tag: the rows of "... [tag]", whose tile counts come from the unbracketed row
+of the same layer) whose heads all run in frame-major order (space-major and cube-order heads also
+copy K/V, which the model leaves out). Every program (one q-tile of one head) is modelled as
 
     t = a x full tiles + b x masked tiles + e        (summed over the layer's programs)
 
