@@ -54,6 +54,7 @@ from ..strategies.patterns import pattern_for_density
 from ..strategies.plan import compile_layer, full_tiles, visited_tiles
 from ..testbed.data import HELD_OUT
 from ..testbed.generate import SAMPLE_STEPS, generate
+from ..testbed.head_stats import grid_call_views
 from ..testbed.model import WEIGHTS_DIR, load_testbed, testbed_geometry
 
 TOKEN_CELL = (1, 1, 1)
@@ -207,15 +208,7 @@ class WindowErrors:
         return self._masks[1], self._masks[2]
 
     def attention(self, q, k, v, *, layer, sigma, geometry: VideoGeometry, layout, dense, kv_len=None):
-        if layout not in ("bhld", "blhd"):
-            raise ValueError(f"unknown layout {layout!r}")
-        if geometry.prefix or geometry.suffix:
-            raise ValueError("WindowErrors handles grid-only sequences (no prefix/suffix tokens)")
-        if not 0 <= layer < self.layers:
-            raise ValueError(f"layer {layer} outside 0..{self.layers - 1}")
-        qh, kh, vh = (t if layout == "bhld" else t.transpose(1, 2) for t in (q, k, v))
-        if qh.shape[1] != self.heads:
-            raise ValueError(f"{qh.shape[1]} heads, expected {self.heads}")
+        qh, kh, vh = grid_call_views(self, (q, k, v), layer, geometry, layout)
         out = dense(q, k, v)
         oh = out if layout == "bhld" else out.transpose(1, 2)
         rows, masks = self._rows_and_masks(geometry)

@@ -27,6 +27,23 @@ STATS = ("local", "same_frame", "temporal", "columns", "entropy")
 TOP_COLUMNS = 0.02
 
 
+def grid_call_views(controller, tensors, layer: int, geometry: VideoGeometry, layout: str) -> tuple:
+    """`tensors` of one self-attention call as [B, H, L, D] views, after checking what a measuring
+    controller (with `layers` and `heads`) handles: a known layout, a grid-only sequence, its layer
+    range and head count; ValueError naming the mismatch otherwise."""
+    name = type(controller).__name__
+    if layout not in ("bhld", "blhd"):
+        raise ValueError(f"unknown layout {layout!r}")
+    if geometry.prefix or geometry.suffix:
+        raise ValueError(f"{name} handles grid-only sequences (no prefix/suffix tokens)")
+    if not 0 <= layer < controller.layers:
+        raise ValueError(f"layer {layer} outside 0..{controller.layers - 1}")
+    views = tuple(t if layout == "bhld" else t.transpose(1, 2) for t in tensors)
+    if views[0].shape[1] != controller.heads:
+        raise ValueError(f"{views[0].shape[1]} heads, expected {controller.heads}")
+    return views
+
+
 class HeadStatistics:
     """Controller that accumulates per-head attention statistics and returns dense attention."""
 
@@ -39,15 +56,7 @@ class HeadStatistics:
         self.centre_maps: torch.Tensor | None = None  # [layers, heads, F, H, W]
 
     def attention(self, q, k, v, *, layer, sigma, geometry: VideoGeometry, layout, dense, kv_len=None):
-        if layout not in ("bhld", "blhd"):
-            raise ValueError(f"unknown layout {layout!r}")
-        if geometry.prefix or geometry.suffix:
-            raise ValueError("HeadStatistics handles grid-only sequences (no prefix/suffix tokens)")
-        if not 0 <= layer < self.layers:
-            raise ValueError(f"layer {layer} outside 0..{self.layers - 1}")
-        qh, kh = (q, k) if layout == "bhld" else (q.transpose(1, 2), k.transpose(1, 2))
-        if qh.shape[1] != self.heads:
-            raise ValueError(f"{qh.shape[1]} heads, expected {self.heads}")
+        qh, kh = grid_call_views(self, (q, k), layer, geometry, layout)
         self._accumulate(qh.float(), kh.float(), layer, geometry)
         return dense(q, k, v)
 

@@ -222,3 +222,26 @@ def test_padded_cell_tiles_match_a_brute_force_padded_layout():
         assert padded_cell_tiles(geom, cell, radii, block_m, block_n) == want, (seed, geom, cell, radii)
     with pytest.raises(ValueError, match="whole number"):
         padded_cell_tiles(VideoGeometry(2, 6, 10), (1, 4, 4), 32, 8)
+
+
+@pytest.mark.parametrize("make", ["windows", "stats"])
+def test_measuring_controllers_refuse_calls_they_cannot_measure(make):
+    from sparse_vdit.testbed.head_stats import HeadStatistics
+
+    geom = VideoGeometry(2, 4, 4)
+    controller = (WindowErrors([], layers=2, heads=3, steps=4) if make == "windows"
+                  else HeadStatistics(layers=2, heads=3))
+    q = torch.randn(1, 3, geom.grid_tokens, 8)
+
+    def call(**over):
+        kw = dict(layer=0, sigma=1.0, geometry=geom, layout="bhld", dense=lambda *t: t[0])
+        kw.update(over)
+        return controller.attention(q, q, q, **kw)
+
+    name = type(controller).__name__
+    for over, match in ((dict(layout="lbhd"), "unknown layout 'lbhd'"),
+                        (dict(geometry=VideoGeometry(2, 4, 4, prefix=3)), f"{name} handles grid-only"),
+                        (dict(layer=2), "layer 2 outside 0..1"),
+                        (dict(layout="blhd"), "32 heads, expected 3")):  # [1, 3, 32, 8] read as [B, L, H, D]
+        with pytest.raises(ValueError, match=match):
+            call(**over)
